@@ -1,0 +1,496 @@
+"""stack.toml -> frozen dataclasses.
+
+Every error names the file, the line where it can be found, and the TOML key. Tables that later
+stages own (`build`, `smoke`) are kept as read-only mappings here and parsed by their modules
+with `Where` so their errors point at the same file and line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PYPI_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
+DEFAULT_STACK_FILE = "stack.toml"
+
+
+def freeze(value: Any) -> Any:
+    """Deep read-only copy of a TOML value, so the model stays immutable."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Plain dicts and lists again, for JSON output and for merging."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
+
+
+def deep_merge(base: Mapping, over: Mapping) -> dict:
+    """Tables merge key by key; anything else in `over` replaces what `base` had."""
+    out = thaw(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = thaw(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Where:
+    """Points an error at a key of a TOML file, with the line it is on when it can be found."""
+
+    path: Path
+    text: str = field(repr=False, compare=False, default="")
+
+    def line_of(self, dotted: str) -> int | None:
+        parts = dotted.split(".")
+        # Longest table prefix with a header of its own, then the first remaining key in it.
+        for cut in range(len(parts), 0, -1):
+            table, rest = parts[:cut], parts[cut:]
+            line = _find_header(self.text, table)
+            if line is None:
+                continue
+            if not rest:
+                return line
+            found = _find_key(self.text, line, rest[0])
+            return found or line
+        return _find_key(self.text, 0, parts[0]) if parts else None
+
+    def at(self, dotted: str) -> str:
+        line = self.line_of(dotted)
+        loc = f"{self.path}:{line}" if line else str(self.path)
+        return f"{loc} ({dotted})"
+
+    def error(self, dotted: str, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, where=self.at(dotted), hint=hint)
+
+
+def _header_names(table: list[str]) -> set[str]:
+    quoted = ".".join(f'"{p}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", p) else p for p in table)
+    return {".".join(table), quoted}
+
+
+def _find_header(text: str, table: list[str]) -> int | None:
+    names = _header_names(table)
+    for number, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?", line)
+        if m and re.sub(r"\s*\.\s*", ".", m.group(1)) in names:
+            return number
+    return None
+
+
+def _find_key(text: str, after: int, key: str) -> int | None:
+    lines = text.splitlines()
+    for number in range(after + 1, len(lines) + 1):
+        line = lines[number - 1]
+        if number > after + 1 and re.match(r"^\s*\[", line):
+            return None
+        if re.match(rf'^\s*"?{re.escape(key)}"?\s*=', line):
+            return number
+    return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One upstream: a git repository pinned at a commit, or a release archive pinned by hash."""
+
+    name: str
+    kind: str  # "git" | "archive" | "pypi"
+    url: str | None = None
+    commit: str | None = None
+    archive: str | None = None
+    pypi: str | None = None
+    sha256: str | None = None
+    submodules: bool = False
+    build: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def pin(self) -> str:
+        """What identifies the exact upstream content: the commit, or the archive's hash."""
+        if self.kind == "git":
+            return str(self.commit)
+        if self.kind == "archive":
+            return f"sha256:{self.sha256}"
+        return f"{self.pypi}@sha256:{self.sha256}" if self.sha256 else str(self.pypi)
+
+    @property
+    def location(self) -> str:
+        return str(self.url or self.archive or self.pypi)
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    """One entry of a series: a local file, or a remote URL with the sha256 of its decoded bytes."""
+
+    name: str
+    strip: int | None = None
+    url: str | None = None
+    sha256: str | None = None
+    where: str = ""
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    source: str
+    patch_dir: Path
+    directory: str = ""
+    strip: int = 1
+    fuzz: int = 0
+    inline: tuple[PatchRef, ...] | None = None  # `patches = [...]` in stack.toml; else the series file
+
+    @property
+    def series_file(self) -> Path:
+        return self.patch_dir / "series"
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    series: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    extends: str | None = None
+    build: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    smoke: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ResolvedStack:
+    """A stack with `extends` flattened: series in apply order, every source it touches."""
+
+    name: str
+    chain: tuple[str, ...]
+    series: tuple[Series, ...]
+    sources: tuple[Source, ...]
+    build: Mapping[str, Any]
+    smoke: Mapping[str, Any]
+
+    def series_for(self, source: str) -> tuple[Series, ...]:
+        return tuple(s for s in self.series if s.source == source)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    root: Path
+    sources: Mapping[str, Source]
+    series: Mapping[str, Series]
+    stacks: Mapping[str, Stack]
+    build: Mapping[str, Any]
+    smoke: Mapping[str, Any]
+    mirrors: Mapping[str, str]
+    where: Where = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def stack(self, name: str) -> ResolvedStack:
+        return resolve_stack(self, name)
+
+
+TOP_KEYS = {"sources", "series", "stacks", "build", "smoke", "mirrors", "stackbuild"}
+SOURCE_KEYS = {"url", "commit", "archive", "pypi", "sha256", "submodules", "build"}
+SERIES_KEYS = {"source", "directory", "strip", "patch_dir", "fuzz", "patches"}
+STACK_KEYS = {"series", "sources", "extends", "build", "smoke"}
+PATCH_KEYS = {"url", "sha256", "name", "strip", "file"}
+
+
+def _check_keys(w: Where, prefix: str, table: Mapping, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise w.error(
+                f"{prefix}.{key}",
+                f"unknown key '{key}' in [{prefix}]",
+                hint=f"allowed keys: {', '.join(sorted(allowed))}",
+            )
+
+
+def _table(w: Where, key: str, value: Any) -> Mapping:
+    if not isinstance(value, dict):
+        raise w.error(key, f"'{key}' must be a table, not {type(value).__name__}")
+    return value
+
+
+def _str(w: Where, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise w.error(key, f"'{key}' must be a non-empty string")
+    return value
+
+
+def _int(w: Where, key: str, value: Any, low: int = 0, high: int = 100) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise w.error(key, f"'{key}' must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _name(w: Where, key: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise w.error(key, f"'{name}' is not a valid name", hint="use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _safe_relative(w: Where, key: str, value: str) -> str:
+    parts = Path(value).parts
+    if value.startswith("/") or ".." in parts:
+        raise w.error(key, f"'{value}' must be a relative path inside the tree", hint="remove '..' and leading '/'")
+    return value.strip("/")
+
+
+def _parse_source(w: Where, name: str, raw: Any) -> Source:
+    key = f"sources.{name}"
+    raw = _table(w, key, raw)
+    _name(w, key, name)
+    _check_keys(w, key, raw, SOURCE_KEYS)
+    kinds = [k for k in ("commit", "archive", "pypi") if k in raw]
+    if len(kinds) != 1:
+        raise w.error(
+            key,
+            f"source '{name}' needs exactly one of 'commit' (with 'url'), 'archive' or 'pypi'"
+            + (f", not {' and '.join(kinds)}" if kinds else ""),
+            hint='e.g. url = "https://…/repo.git" and commit = "<40-hex sha>"',
+        )
+    build = freeze(_table(w, f"{key}.build", raw.get("build", {})))
+    submodules = raw.get("submodules", False)
+    if not isinstance(submodules, bool):
+        raise w.error(f"{key}.submodules", "'submodules' must be true or false")
+    sha256 = raw.get("sha256")
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.match(sha256)):
+        raise w.error(f"{key}.sha256", f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    if kinds[0] == "commit":
+        url = _str(w, f"{key}.url", raw.get("url"))
+        commit = raw["commit"]
+        if not isinstance(commit, str) or not SHA_RE.match(commit):
+            raise w.error(
+                f"{key}.commit",
+                f"commit must be a full 40-hex SHA, got {commit!r}",
+                hint="pin the exact commit: git rev-parse <ref>",
+            )
+        if sha256 is not None:
+            raise w.error(f"{key}.sha256", "'sha256' belongs to archive sources; a git source is pinned by 'commit'")
+        return Source(name, "git", url=url, commit=commit, submodules=submodules, build=build)
+    if "url" in raw:
+        raise w.error(f"{key}.url", f"'url' is for git sources; an {kinds[0]} source names its file in '{kinds[0]}'")
+    if kinds[0] == "archive":
+        archive = _str(w, f"{key}.archive", raw["archive"])
+        if sha256 is None:
+            raise w.error(f"{key}.sha256", "an archive source needs 'sha256' of the archive file", hint="sha256sum FILE")
+        return Source(name, "archive", archive=archive, sha256=sha256, submodules=False, build=build)
+    pypi = _str(w, f"{key}.pypi", raw["pypi"])
+    if not PYPI_PIN_RE.match(pypi):
+        raise w.error(f"{key}.pypi", f"'{pypi}' must pin one exact release", hint='e.g. pypi = "vllm==0.32.0"')
+    return Source(name, "pypi", pypi=pypi, sha256=sha256, build=build)
+
+
+def _parse_patch_ref(w: Where, key: str, raw: Any) -> PatchRef:
+    if isinstance(raw, str):
+        return PatchRef(name=_safe_relative(w, key, raw), where=w.at(key))
+    raw = _table(w, key, raw)
+    _check_keys(w, key, raw, PATCH_KEYS)
+    strip = _int(w, f"{key}.strip", raw["strip"], 0, 20) if "strip" in raw else None
+    if "url" in raw:
+        url = _str(w, f"{key}.url", raw["url"])
+        sha = raw.get("sha256")
+        if not isinstance(sha, str) or not SHA256_RE.match(sha):
+            raise w.error(
+                f"{key}.sha256",
+                f"remote patch {url} needs 'sha256' (64 lowercase hex) of its decoded content",
+                hint="fetch it once and run sha256sum on the decoded patch",
+            )
+        name = raw.get("name") or url.rstrip("/").rsplit("/", 1)[-1]
+        return PatchRef(name=_safe_relative(w, f"{key}.name", name), strip=strip, url=url, sha256=sha, where=w.at(key))
+    if "file" not in raw:
+        raise w.error(key, "a patch entry needs 'file' (local) or 'url' and 'sha256' (remote)")
+    return PatchRef(name=_safe_relative(w, f"{key}.file", _str(w, f"{key}.file", raw["file"])), strip=strip, where=w.at(key))
+
+
+def _parse_series(w: Where, root: Path, name: str, raw: Any, sources: Mapping[str, Source]) -> Series:
+    key = f"series.{name}"
+    raw = _table(w, key, raw)
+    _name(w, key, name)
+    _check_keys(w, key, raw, SERIES_KEYS)
+    source = _str(w, f"{key}.source", raw.get("source"))
+    if source not in sources:
+        raise w.error(
+            f"{key}.source", f"series '{name}' names unknown source '{source}'",
+            hint=f"define [sources.{source}] or use one of: {', '.join(sorted(sources)) or 'none defined'}",
+        )
+    directory = _safe_relative(w, f"{key}.directory", raw["directory"]) if raw.get("directory") else ""
+    patch_dir = root / _safe_relative(w, f"{key}.patch_dir", raw.get("patch_dir", f"patches/{name}"))
+    inline = None
+    if "patches" in raw:
+        items = raw["patches"]
+        if not isinstance(items, list):
+            raise w.error(f"{key}.patches", "'patches' must be a list of file names or {url, sha256} tables")
+        inline = tuple(_parse_patch_ref(w, f"{key}.patches", item) for item in items)
+    return Series(
+        name=name,
+        source=source,
+        patch_dir=patch_dir,
+        directory=directory,
+        strip=_int(w, f"{key}.strip", raw.get("strip", 1), 0, 20),
+        fuzz=_int(w, f"{key}.fuzz", raw.get("fuzz", 0), 0, 3),
+        inline=inline,
+    )
+
+
+def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], sources: Mapping[str, Source]) -> Stack:
+    key = f"stacks.{name}"
+    raw = _table(w, key, raw)
+    _name(w, key, name)
+    _check_keys(w, key, raw, STACK_KEYS)
+    names = raw.get("series", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise w.error(f"{key}.series", "'series' must be a list of series names")
+    for n in names:
+        if n not in series:
+            raise w.error(
+                f"{key}.series", f"stack '{name}' names unknown series '{n}'",
+                hint=f"define [series.{n}] or use one of: {', '.join(sorted(series)) or 'none defined'}",
+            )
+    if len(set(names)) != len(names):
+        raise w.error(f"{key}.series", f"stack '{name}' lists a series twice")
+    extra = raw.get("sources", [])
+    if not isinstance(extra, list) or not all(isinstance(n, str) for n in extra):
+        raise w.error(f"{key}.sources", "'sources' must be a list of source names")
+    for n in extra:
+        if n not in sources:
+            raise w.error(f"{key}.sources", f"stack '{name}' names unknown source '{n}'")
+    extends = raw.get("extends")
+    if extends is not None:
+        _str(w, f"{key}.extends", extends)
+    return Stack(
+        name=name,
+        series=tuple(names),
+        sources=tuple(extra),
+        extends=extends,
+        build=freeze(_table(w, f"{key}.build", raw.get("build", {}))),
+        smoke=freeze(_table(w, f"{key}.smoke", raw.get("smoke", {}))),
+    )
+
+
+def parse_config(text: str, path: Path) -> Config:
+    w = Where(path, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(path), hint="fix the syntax at the line named") from None
+    _check_keys(w, "(top level)", data, TOP_KEYS)
+    root = path.parent
+    sources = {n: _parse_source(w, n, v) for n, v in _table(w, "sources", data.get("sources", {})).items()}
+    series = {n: _parse_series(w, root, n, v, sources) for n, v in _table(w, "series", data.get("series", {})).items()}
+    stacks = {n: _parse_stack(w, n, v, series, sources) for n, v in _table(w, "stacks", data.get("stacks", {})).items()}
+    mirrors = _table(w, "mirrors", data.get("mirrors", {}))
+    for prefix, target in mirrors.items():
+        _str(w, f"mirrors.{prefix}", target)
+    config = Config(
+        path=path,
+        root=root,
+        sources=MappingProxyType(sources),
+        series=MappingProxyType(series),
+        stacks=MappingProxyType(stacks),
+        build=freeze(_table(w, "build", data.get("build", {}))),
+        smoke=freeze(_table(w, "smoke", data.get("smoke", {}))),
+        mirrors=MappingProxyType(dict(mirrors)),
+        where=w,
+    )
+    for name in stacks:
+        resolve_stack(config, name)  # cycles and unknown parents are config errors, found at load time
+    return config
+
+
+def find_stack_file(explicit: str | os.PathLike | None = None) -> Path:
+    chosen = explicit or os.environ.get("STACKBUILD_STACK")
+    if chosen:
+        path = Path(chosen)
+        if path.is_dir():
+            path = path / DEFAULT_STACK_FILE
+        if not path.is_file():
+            raise ConfigError(f"no stack file at {path}", where="--stack/STACKBUILD_STACK", hint="give the path of a stack.toml")
+        return path.resolve()
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_STACK_FILE).is_file():
+            return (folder / DEFAULT_STACK_FILE).resolve()
+    raise ConfigError(
+        f"no {DEFAULT_STACK_FILE} in {here} or its parents", hint="run from the project, or pass --stack PATH"
+    )
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    stack_file = find_stack_file(path)
+    try:
+        text = stack_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", where=str(stack_file)) from None
+    return parse_config(text, stack_file)
+
+
+def resolve_stack(config: Config, name: str) -> ResolvedStack:
+    if name not in config.stacks:
+        raise ConfigError(
+            f"no stack named '{name}'",
+            where=str(config.path),
+            hint=f"defined stacks: {', '.join(sorted(config.stacks)) or 'none'}",
+        )
+    chain: list[Stack] = []
+    seen: list[str] = []
+    current: str | None = name
+    while current is not None:
+        if current in seen:
+            raise config.where.error(
+                f"stacks.{seen[-1]}.extends", f"stacks extend each other in a cycle: {' -> '.join(seen + [current])}"
+            )
+        if current not in config.stacks:
+            raise config.where.error(f"stacks.{seen[-1]}.extends", f"stack '{seen[-1]}' extends unknown stack '{current}'")
+        seen.append(current)
+        chain.append(config.stacks[current])
+        current = config.stacks[current].extends
+    chain.reverse()
+    series_names: list[str] = []
+    source_names: list[str] = []
+    build: Mapping = {}
+    smoke: Mapping = {}
+    top_build, top_smoke = config.build, config.smoke
+    build, smoke = thaw(top_build), thaw(top_smoke)
+    for stack in chain:
+        for s in stack.series:
+            if s in series_names:
+                raise config.where.error(
+                    f"stacks.{stack.name}.series", f"series '{s}' is already in the stack '{stack.name}' extends"
+                )
+            series_names.append(s)
+            src = config.series[s].source
+            if src not in source_names:
+                source_names.append(src)
+        for src in stack.sources:
+            if src not in source_names:
+                source_names.append(src)
+        build = deep_merge(build, stack.build)
+        smoke = deep_merge(smoke, stack.smoke)
+    return ResolvedStack(
+        name=name,
+        chain=tuple(s.name for s in chain),
+        series=tuple(config.series[s] for s in series_names),
+        sources=tuple(config.sources[s] for s in source_names),
+        build=freeze(build),
+        smoke=freeze(smoke),
+    )
