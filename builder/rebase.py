@@ -1,0 +1,693 @@
+"""Rebasing a source's patches onto a new upstream commit: a resumable, reportable state machine.
+
+Every patch is first tried in memory (a throw-away index, objects only): applied as is
+(`unchanged`), applied at other line numbers (`moved`), or found already upstream by applying it
+in reverse (`upstream`). Only a patch that needs a real three-way merge touches the worktree: git
+cherry-picks its old commit (base = the old pin plus the patches before it, renames followed) and
+either succeeds (`merged`) or stops with conflict markers (`conflict`).
+
+State lives in work/<stack>/.rebase/<source>.json, rewritten atomically after every step, beside
+byte copies of stack.toml and the series' files taken before anything changed. A killed process
+loses at most the step it was in: `--continue` redoes it, `--abort` puts pins, patch files and the
+worktree back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from .errors import ExportError, LockError, RebaseError
+from .export import SeriesSpec, apply_export, atomic_write, git, out, plan_export
+
+STATE_VERSION = 1
+FIXED_IDENTITY = {
+    "GIT_COMMITTER_NAME": "stackbuild",
+    "GIT_COMMITTER_EMAIL": "stackbuild@invalid",
+    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
+}
+OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass(frozen=True)
+class Item:
+    """One patch to replay: its series entry and its commit on top of the old pin."""
+
+    series: str
+    name: str
+    old_commit: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a rebase needs, gathered once from stack.toml, the mirror and the series."""
+
+    stack: str
+    source: str
+    git_dir: Path  # the mirror: commits and objects live here
+    worktree: Path
+    branch: str
+    old_pin: str
+    onto: str
+    items: tuple[Item, ...]
+    root: Path
+    stack_file: Path
+    series: tuple[SeriesSpec, ...]
+    current: Mapping[tuple[str, str], bytes] = field(repr=False)
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class Upstream:
+    sha: str
+    subject: str
+    author: str
+    date: str
+
+
+@dataclass(frozen=True)
+class Result:
+    series: str
+    name: str
+    outcome: str
+    commit: str | None = None
+    dropped: bool = False
+    files: tuple[str, ...] = ()
+    insertions: int = 0
+    deletions: int = 0
+    breaking: Upstream | None = None
+    conflicted_files: tuple[str, ...] = ()
+    upstream_commits: tuple[Upstream, ...] = ()
+
+
+@dataclass(frozen=True)
+class State:
+    stack: str
+    source: str
+    phase: str  # replaying | stopped | exporting
+    git_dir: str
+    worktree: str
+    branch: str
+    old_pin: str
+    onto: str
+    root: str
+    stack_file: str
+    items: tuple[Item, ...]
+    series: tuple[SeriesSpec, ...]
+    current: Mapping[str, str]  # "series/name" -> base64 of the decoded patch at start
+    before: Mapping[str, object]  # worktree and branch as they were
+    backups: tuple[str, ...]  # files (relative to root) copied before anything changed
+    backup_dirs: tuple[str, ...]  # patch dirs whose new files an abort removes
+    options: Mapping[str, bool]
+    next: int = 0
+    head: str = ""
+    results: tuple[Result, ...] = ()
+    stop: str = ""  # why the replay stopped: conflict | upstream
+
+
+@dataclass(frozen=True)
+class Report:
+    stack: str
+    source: str
+    old_pin: str
+    onto: str
+    status: str  # finished | stopped | aborted
+    results: tuple[Result, ...]
+    stopped_at: Result | None = None
+    export: Mapping | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "stack": self.stack, "source": self.source, "old_pin": self.old_pin, "onto": self.onto,
+            "status": self.status, "results": [asdict(r) for r in self.results],
+            "stopped_at": asdict(self.stopped_at) if self.stopped_at else None, "export": self.export,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# state on disk
+
+
+def state_dir_for(work_dir: Path, stack: str) -> Path:
+    return work_dir / stack / ".rebase"
+
+
+def _state_path(state_dir: Path, source: str) -> Path:
+    return state_dir / f"{source}.json"
+
+
+def _backup_dir(state_dir: Path, source: str) -> Path:
+    return state_dir / f"{source}.backup"
+
+
+def _to_json(state: State) -> dict:
+    data = asdict(state)
+    data["version"] = STATE_VERSION
+    data["series"] = [{**asdict(s), "patch_dir": str(s.patch_dir), "remote": sorted(s.remote)} for s in state.series]
+    return data
+
+
+def _from_json(data: dict) -> State:
+    if data.get("version") != STATE_VERSION:
+        raise RebaseError(f"rebase state has version {data.get('version')}, expected {STATE_VERSION}",
+                          hint="finish or --abort it with the stackbuild version that started it")
+
+    def up(d: dict | None) -> Upstream | None:
+        return Upstream(**d) if d else None
+
+    results = tuple(
+        Result(**{**r, "files": tuple(r["files"]), "conflicted_files": tuple(r["conflicted_files"]),
+                  "breaking": up(r["breaking"]), "upstream_commits": tuple(Upstream(**u) for u in r["upstream_commits"])})
+        for r in data["results"])
+    series = tuple(SeriesSpec(**{**s, "patch_dir": Path(s["patch_dir"]), "remote": frozenset(s["remote"])})
+                   for s in data["series"])
+    fields = {k: v for k, v in data.items() if k != "version"}
+    return State(**{**fields, "items": tuple(Item(**i) for i in data["items"]), "series": series,
+                    "results": results, "backups": tuple(data["backups"]), "backup_dirs": tuple(data["backup_dirs"])})
+
+
+def save_state(state_dir: Path, state: State) -> None:
+    atomic_write(_state_path(state_dir, state.source), json.dumps(_to_json(state), indent=1).encode())
+
+
+def load_state(state_dir: Path, source: str) -> State:
+    path = _state_path(state_dir, source)
+    if not path.is_file():
+        raise RebaseError(f"no rebase of '{source}' in progress", where=str(path),
+                          hint="start one with `stackbuild rebase STACK --source SOURCE --onto REF`")
+    try:
+        return _from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RebaseError(f"rebase state is unreadable: {exc}", where=str(path),
+                          hint="restore it, or delete it and the .backup folder beside it by hand") from None
+
+
+def sources_in_progress(state_dir: Path) -> list[str]:
+    return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
+
+
+@contextmanager
+def _locked(state_dir: Path, source: str) -> Iterator[None]:
+    """One process per source; the kernel drops the lock when a killed process dies."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / f"{source}.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockError(f"another stackbuild is rebasing '{source}'", where=str(state_dir),
+                            hint="wait for it to finish") from None
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# git helpers specific to replaying
+
+
+def commit_info(git_dir: Path, sha: str) -> Upstream:
+    sha_, subject, author, date = out("log", "-1", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", sha, git_dir=git_dir).split("\x1f")
+    return Upstream(sha_, subject, author, date)
+
+
+def patch_of(git_dir: Path, commit: str) -> bytes:
+    return git("diff-tree", "-p", "--full-index", "--binary", "--no-renames", "--no-color", "--no-ext-diff",
+               f"{commit}^", commit, git_dir=git_dir).stdout
+
+
+def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ...], int, int]:
+    files: list[str] = []
+    add = rem = 0
+    for line in out("diff-tree", "-r", "--numstat", "-M", parent, commit, git_dir=git_dir).splitlines():
+        a, r, path = line.split("\t", 2)
+        files.append(path)
+        add += int(a) if a != "-" else 0
+        rem += int(r) if r != "-" else 0
+    return tuple(files), add, rem
+
+
+class MemoryIndex:
+    """A throw-away index in a temp dir: `git apply --cached` against it writes objects only."""
+
+    def __init__(self, git_dir: Path, tree: str):
+        self.git_dir = git_dir
+        self._dir = tempfile.TemporaryDirectory(prefix="stackbuild-idx-")
+        self.env = {"GIT_INDEX_FILE": os.path.join(self._dir.name, "index")}
+        git("read-tree", tree, git_dir=git_dir, env=self.env)
+
+    def apply(self, patch: bytes, *, reverse: bool = False, check: bool = False) -> tuple[bool, bool]:
+        """(applied, moved): moved when git had to look for a hunk at another line."""
+        args = ["apply", "--cached", "-v"] + (["-R"] if reverse else []) + (["--check"] if check else [])
+        proc = git(*args, git_dir=self.git_dir, env=self.env, input=patch, check=False)
+        return proc.returncode == 0, b"(offset" in proc.stderr
+
+    def write_tree(self) -> str:
+        return out("write-tree", git_dir=self.git_dir, env=self.env)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def recommit(git_dir: Path, old: str, tree: str, parent: str) -> str:
+    """The old commit's message and author on a new tree and parent; fixed committer."""
+    raw = out("log", "-1", "--format=%an%x1f%ae%x1f%aI", old, git_dir=git_dir).split("\x1f")
+    msg = git("log", "-1", "--format=%B", old, git_dir=git_dir).stdout
+    env = {**FIXED_IDENTITY, "GIT_AUTHOR_NAME": raw[0], "GIT_AUTHOR_EMAIL": raw[1], "GIT_AUTHOR_DATE": raw[2]}
+    return git("commit-tree", tree, "-p", parent, git_dir=git_dir, env=env, input=msg).stdout.decode().strip()
+
+
+def first_parent_range(git_dir: Path, old: str, new: str) -> list[str]:
+    """Commits after `old` up to `new` on new's first-parent line, oldest first."""
+    return out("rev-list", "--first-parent", "--reverse", new, f"^{old}", git_dir=git_dir).split()
+
+
+# ---------------------------------------------------------------------------------------------
+# probes and bisect (objects only, no worktree)
+
+
+def probe(git_dir: Path, commit: str, patches: Sequence[bytes]) -> tuple[bool, ...]:
+    """Which patches apply without a merge at `commit`, each on top of the ones before that did."""
+    index = MemoryIndex(git_dir, commit)
+    try:
+        return tuple(index.apply(p)[0] for p in patches)
+    finally:
+        index.close()
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A patch stops applying at `commit` while it applied at its first parent `good`."""
+
+    series: str
+    name: str
+    commit: Upstream | None
+    good: str | None
+    probes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BisectReport:
+    source: str
+    old_pin: str
+    onto: str
+    commits: int
+    patches: tuple[Boundary, ...]
+    newest_clean: Upstream | None  # newest commit where the whole series still applies as is
+    probes: int  # distinct commits probed
+    bound: int  # ⌈log2 N⌉ + 2: the most any one patch's search may probe
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Prober:
+    """Caches whole-series probes per commit, so the searches of several patches share them."""
+
+    def __init__(self, git_dir: Path, patches: Sequence[bytes]):
+        self.git_dir, self.patches = git_dir, patches
+        self.cache: dict[str, tuple[bool, ...]] = {}
+
+    def __call__(self, commit: str) -> tuple[bool, ...]:
+        if commit not in self.cache:
+            self.cache[commit] = probe(self.git_dir, commit, self.patches)
+        return self.cache[commit]
+
+
+def search(line: Sequence[str], ok: Callable[[str], bool]) -> tuple[int, int]:
+    """Index of the first commit of `line` (line[0] is known good, line[-1] known bad) where `ok`
+    fails, keeping the invariant good-at-lo / bad-at-hi, so the answer is always a real
+    transition (good at its first parent) even when history is not monotone. Returns (hi, probes).
+    """
+    lo, hi, probes = 0, len(line) - 1, 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        probes += 1
+        if ok(line[mid]):
+            lo = mid
+        else:
+            hi = mid
+    return hi, probes
+
+
+def bisect(git_dir: Path, old_pin: str, onto: str, items: Sequence[Item], source: str = "") -> BisectReport:
+    patches = [patch_of(git_dir, it.old_commit) for it in items]
+    line = [old_pin] + first_parent_range(git_dir, old_pin, onto)
+    prober = Prober(git_dir, patches)
+    at_pin, at_onto = prober(old_pin), prober(line[-1])
+    bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
+    found: list[Boundary] = []
+    for k, it in enumerate(items):
+        if at_onto[k]:
+            continue
+        if not at_pin[k]:
+            found.append(Boundary(it.series, it.name, None, None, 2, "does not apply at the old pin either"))
+            continue
+        hi, probes = search(line, lambda c, k=k: prober(c)[k])
+        found.append(Boundary(it.series, it.name, commit_info(git_dir, line[hi]), line[hi - 1], probes + 2))
+    if all(at_onto):
+        newest = commit_info(git_dir, line[-1])
+    elif not all(at_pin):
+        newest = None
+    else:
+        hi, _ = search(line, lambda c: all(prober(c)))
+        newest = commit_info(git_dir, line[hi - 1])
+    return BisectReport(source, old_pin, line[-1], len(line) - 1, tuple(found), newest, len(prober.cache), bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# the state machine
+
+
+def _git_wt(state: State, *args: str, check: bool = True, env: Mapping[str, str] | None = None):
+    return git(*args, cwd=Path(state.worktree), env=env, check=check)
+
+
+def _rel(root: Path, path: Path) -> str:
+    return os.path.relpath(path, root)
+
+
+def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Byte copies of stack.toml and every file in the series' folders, complete before use."""
+    files = [plan.stack_file]
+    dirs = []
+    for spec in plan.series:
+        dirs.append(_rel(plan.root, spec.patch_dir))
+        if spec.patch_dir.is_dir():
+            files += [p for p in sorted(spec.patch_dir.rglob("*")) if p.is_file()]
+    final = _backup_dir(plan.state_dir, plan.source)
+    shutil.rmtree(final, ignore_errors=True)  # left by a start that died before saving its state
+    tmp = Path(tempfile.mkdtemp(dir=plan.state_dir, prefix=f".{plan.source}.backup."))
+    rels = []
+    for f in files:
+        rel = _rel(plan.root, f)
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+        rels.append(rel)
+    os.replace(tmp, final)
+    return tuple(rels), tuple(dirs)
+
+
+def _worktree_before(plan: Plan) -> dict:
+    branch_ref = f"refs/heads/{plan.branch}"
+    branch = git("rev-parse", "--verify", "-q", branch_ref, git_dir=plan.git_dir, check=False)
+    before: dict = {"branch_head": branch.stdout.decode().strip() or None, "exists": False}
+    if (plan.worktree / ".git").exists():
+        status = out("status", "--porcelain", "--untracked-files=no", cwd=plan.worktree)
+        if status:
+            raise RebaseError(f"worktree has uncommitted changes: {status.splitlines()[0]} …", where=str(plan.worktree),
+                              hint="commit or discard them (`git -C WORKTREE stash`) before rebasing")
+        head_ref = git("symbolic-ref", "-q", "HEAD", cwd=plan.worktree, check=False).stdout.decode().strip()
+        before.update(exists=True, head=out("rev-parse", "HEAD", cwd=plan.worktree), head_ref=head_ref or None)
+    return before
+
+
+def _prepare_worktree(plan: Plan, before: Mapping) -> None:
+    if not before["exists"]:
+        plan.worktree.parent.mkdir(parents=True, exist_ok=True)
+        git("worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto, git_dir=plan.git_dir)
+    else:
+        git("update-ref", f"refs/heads/{plan.branch}", plan.onto, cwd=plan.worktree)
+        git("symbolic-ref", "HEAD", f"refs/heads/{plan.branch}", cwd=plan.worktree)
+
+
+def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False,
+          on_step: Callable[[State], None] | None = None) -> Report:
+    with _locked(plan.state_dir, plan.source):
+        if _state_path(plan.state_dir, plan.source).exists():
+            raise RebaseError(f"a rebase of '{plan.source}' is already in progress",
+                              where=str(_state_path(plan.state_dir, plan.source)),
+                              hint="`stackbuild rebase --continue`, `--skip` or `--abort` it first")
+        before = _worktree_before(plan)
+        backups, dirs = _take_backups(plan)
+        state = State(
+            stack=plan.stack, source=plan.source, phase="replaying", git_dir=str(plan.git_dir),
+            worktree=str(plan.worktree), branch=plan.branch, old_pin=plan.old_pin, onto=plan.onto,
+            root=str(plan.root), stack_file=str(plan.stack_file), items=plan.items, series=plan.series,
+            current={f"{s}/{n}": base64.b64encode(b).decode() for (s, n), b in plan.current.items()},
+            before=before, backups=backups, backup_dirs=dirs,
+            options={"drop_merged": drop_merged, "decode": decode, "refresh_context": refresh_context},
+            head=plan.onto,
+        )
+        save_state(plan.state_dir, state)
+        _prepare_worktree(plan, before)
+        return _run(plan.state_dir, state, on_step)
+
+
+def resume(state_dir: Path, source: str, action: str, on_step: Callable[[State], None] | None = None) -> Report:
+    """action: continue | skip | abort."""
+    with _locked(state_dir, source):
+        state = load_state(state_dir, source)
+        if action == "abort":
+            return _abort(state_dir, state)
+        if action == "skip":
+            if state.phase != "stopped":
+                raise RebaseError("nothing to skip: the rebase is not stopped at a patch",
+                                  hint="`stackbuild rebase --continue` resumes it")
+            stopped = state.results[-1]
+            _git_wt(state, "reset", "--hard", "-q", state.head)
+            state = replace(state, phase="replaying", next=state.next + 1, stop="",
+                            results=state.results[:-1] + (replace(stopped, dropped=True),))
+            save_state(state_dir, state)
+        elif state.phase == "stopped":
+            state = _continue_stopped(state)
+            save_state(state_dir, state)
+        return _run(state_dir, state, on_step)
+
+
+def _continue_stopped(state: State) -> State:
+    stopped = state.results[-1]
+    if state.stop == "upstream":
+        raise RebaseError(f"{stopped.series}/{stopped.name} is already upstream and cannot be replayed",
+                          hint="`stackbuild rebase --skip` drops it, `--abort` undoes the rebase")
+    unmerged = out("diff", "--name-only", "--diff-filter=U", cwd=Path(state.worktree))
+    if unmerged:
+        raise RebaseError(f"unresolved conflicts in {', '.join(unmerged.split())}", where=state.worktree,
+                          hint="edit the files, `git add` them, then `stackbuild rebase --continue`")
+    if git("diff", "--quiet", cwd=Path(state.worktree), check=False).returncode:
+        raise RebaseError("the worktree has changes that are not staged", where=state.worktree,
+                          hint="`git add` the resolution (or `git checkout -- FILE` to drop it), then --continue")
+    item = state.items[state.next]
+    head = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+    if head != state.head:
+        # The user committed the resolution themselves: accept it if it sits right on our head.
+        if out("rev-parse", f"{head}^", cwd=Path(state.worktree)) != state.head:
+            raise RebaseError("HEAD moved away from the replay", where=state.worktree,
+                              hint=f"reset it: git reset --hard {state.head[:12]}, or --abort")
+        commit = head
+    elif git("diff", "--cached", "--quiet", "HEAD", cwd=Path(state.worktree), check=False).returncode == 0:
+        _git_wt(state, "reset", "--hard", "-q", state.head)
+        result = replace(stopped, dropped=True)
+        return replace(state, phase="replaying", next=state.next + 1, stop="", results=state.results[:-1] + (result,))
+    else:
+        _git_wt(state, "commit", "-q", "--no-verify", "--allow-empty-message", "-C", item.old_commit, env=FIXED_IDENTITY)
+        commit = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+    files, add, rem = diff_numbers(Path(state.git_dir), state.head, commit)
+    result = replace(stopped, commit=commit, files=files, insertions=add, deletions=rem)
+    return replace(state, phase="replaying", next=state.next + 1, head=commit, stop="",
+                   results=state.results[:-1] + (result,))
+
+
+def _run(state_dir: Path, state: State, on_step: Callable[[State], None] | None) -> Report:
+    git_dir = Path(state.git_dir)
+    if state.phase == "stopped":
+        return _report(state, "stopped")
+    if state.phase == "replaying":
+        # A crash mid-step left the worktree anywhere: the state's head is the truth.
+        _git_wt(state, "reset", "--hard", "-q", state.head)
+        while state.next < len(state.items):
+            result, head = _step(state, state.items[state.next])
+            if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
+                state = replace(state, phase="stopped", stop=result.outcome, results=state.results + (result,))
+                save_state(state_dir, state)
+                return _report(state, "stopped")
+            state = replace(state, next=state.next + 1, head=head, results=state.results + (result,))
+            save_state(state_dir, state)
+            if on_step:
+                on_step(state)
+        _git_wt(state, "reset", "--hard", "-q", state.head)
+        state = replace(state, phase="exporting")
+        save_state(state_dir, state)
+    export = _export(state)
+    report = _report(state, "finished", export=export.to_json())
+    _write_report(state_dir, report)
+    _cleanup(state_dir, state.source)
+    return report
+
+
+def _step(state: State, item: Item) -> tuple[Result, str]:
+    git_dir = Path(state.git_dir)
+    patch = patch_of(git_dir, item.old_commit)
+    index = MemoryIndex(git_dir, state.head)
+    try:
+        applied, moved = index.apply(patch)
+        if applied:
+            commit = recommit(git_dir, item.old_commit, index.write_tree(), state.head)
+            files, add, rem = diff_numbers(git_dir, state.head, commit)
+            return Result(item.series, item.name, "moved" if moved else "unchanged", commit, False, files, add, rem), commit
+    finally:
+        index.close()
+    if _is_upstream(git_dir, state.head, patch):
+        return _upstream_result(state, item), state.head
+    _git_wt(state, "reset", "--hard", "-q", state.head)
+    pick = _git_wt(state, "cherry-pick", "--no-rerere-autoupdate", item.old_commit, env=FIXED_IDENTITY, check=False)
+    if pick.returncode == 0:
+        commit = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+        files, add, rem = diff_numbers(git_dir, state.head, commit)
+        return Result(item.series, item.name, "merged", commit, False, files, add, rem), commit
+    conflicted = tuple(out("diff", "--name-only", "--diff-filter=U", cwd=Path(state.worktree)).split())
+    if not conflicted:
+        # The merge came out empty: upstream already has the change, in another shape.
+        _git_wt(state, "reset", "--hard", "-q", state.head)
+        return _upstream_result(state, item), state.head
+    files, add, rem = diff_numbers(git_dir, f"{item.old_commit}^", item.old_commit)
+    touched = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
+    breaking = _breaking(state, item)
+    return Result(item.series, item.name, "conflict", None, False, files, add, rem, breaking, conflicted, touched), state.head
+
+
+def _is_upstream(git_dir: Path, head: str, patch: bytes) -> bool:
+    index = MemoryIndex(git_dir, head)
+    try:
+        return index.apply(patch, reverse=True, check=True)[0]
+    finally:
+        index.close()
+
+
+def _upstream_result(state: State, item: Item) -> Result:
+    git_dir = Path(state.git_dir)
+    files, add, rem = diff_numbers(git_dir, f"{item.old_commit}^", item.old_commit)
+    return Result(item.series, item.name, "upstream", None, bool(state.options["drop_merged"]), files, add, rem,
+                  _breaking(state, item))
+
+
+def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: int = 20) -> tuple[Upstream, ...]:
+    """Upstream commits since the old pin that changed the conflicted files, newest first."""
+    if not paths:
+        return ()
+    text = out("log", f"--max-count={limit}", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", f"{old}..{new}", "--", *paths,
+               git_dir=git_dir)
+    return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
+
+
+def _breaking(state: State, item: Item) -> Upstream | None:
+    """The first commit after the old pin at which this patch (on the ones before it) stops applying."""
+    git_dir = Path(state.git_dir)
+    k = state.items.index(item)
+    report = bisect(git_dir, state.old_pin, state.onto, state.items[: k + 1])
+    last = [b for b in report.patches if (b.series, b.name) == (item.series, item.name)]
+    return last[0].commit if last else None
+
+
+def _export(state: State):
+    current = {tuple(k.split("/", 1)): base64.b64decode(v) for k, v in state.current.items()}
+    try:
+        result = plan_export(
+            git_dir=Path(state.git_dir), base=state.onto, head=state.head, root=Path(state.root),
+            stack_file=Path(state.stack_file), source=state.source, series=state.series, current=current,
+            pin_to=state.onto, decode_all=bool(state.options["decode"]),
+            refresh_context=bool(state.options["refresh_context"]),
+        )
+    except ExportError as exc:
+        raise RebaseError(f"replay finished but export failed: {exc.message}", where=exc.where,
+                          hint=(exc.hint or "") + "; fix it, then `stackbuild rebase --continue` (or --abort)") from None
+    apply_export(result)
+    return result
+
+
+def _abort(state_dir: Path, state: State) -> Report:
+    root = Path(state.root)
+    backup = _backup_dir(state_dir, state.source)
+    kept = set(state.backups)
+    for folder in state.backup_dirs:
+        d = root / folder
+        if d.is_dir():
+            for p in d.rglob("*"):
+                if p.is_file() and _rel(root, p) not in kept:
+                    p.unlink()
+    for rel in state.backups:
+        dest = root / rel
+        if not dest.is_file() or dest.read_bytes() != (backup / rel).read_bytes():
+            atomic_write(dest, (backup / rel).read_bytes())
+    _restore_worktree(state)
+    report = _report(state, "aborted")
+    _cleanup(state_dir, state.source)
+    return report
+
+
+def _restore_worktree(state: State) -> None:
+    before, git_dir, wt = state.before, Path(state.git_dir), Path(state.worktree)
+    branch_ref = f"refs/heads/{state.branch}"
+    if not before["exists"] and wt.exists():
+        git("worktree", "remove", "--force", str(wt), git_dir=git_dir, check=False)
+        shutil.rmtree(wt, ignore_errors=True)
+        git("worktree", "prune", git_dir=git_dir)
+    if before["branch_head"]:
+        git("update-ref", branch_ref, str(before["branch_head"]), git_dir=git_dir)
+    else:
+        git("update-ref", "-d", branch_ref, git_dir=git_dir, check=False)
+    if before["exists"]:
+        if before.get("head_ref"):
+            git("symbolic-ref", "HEAD", str(before["head_ref"]), cwd=wt)
+        else:
+            git("update-ref", "--no-deref", "HEAD", str(before["head"]), cwd=wt)
+        # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
+        git("reset", "--hard", "-q", str(before["head"]), cwd=wt)
+
+
+def _cleanup(state_dir: Path, source: str) -> None:
+    shutil.rmtree(_backup_dir(state_dir, source), ignore_errors=True)
+    _state_path(state_dir, source).unlink(missing_ok=True)
+
+
+def _report(state: State, status: str, export: Mapping | None = None) -> Report:
+    return Report(state.stack, state.source, state.old_pin, state.onto, status, state.results,
+                  state.results[-1] if status == "stopped" and state.results else None, export)
+
+
+def _write_report(state_dir: Path, report: Report) -> None:
+    atomic_write(state_dir.parent / f"rebase-{report.source}.json", json.dumps(report.to_json(), indent=2).encode())
+    atomic_write(state_dir.parent / f"rebase-{report.source}.md", markdown(report).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def markdown(report: Report) -> str:
+    """A summary a person can paste into a pull request."""
+    counts = {o: sum(1 for r in report.results if r.outcome == o) for o in OUTCOMES}
+    lines = [
+        f"### Rebase of `{report.source}` in stack `{report.stack}`: {report.status}",
+        "",
+        f"`{report.old_pin[:12]}` → `{report.onto[:12]}` — "
+        + ", ".join(f"{n} {o}" for o, n in counts.items() if n),
+        "",
+        "| # | Patch | Outcome | Files | +/- | Breaking upstream commit |",
+        "|---|-------|---------|-------|-----|--------------------------|",
+    ]
+    for i, r in enumerate(report.results, 1):
+        outcome = r.outcome + (" (dropped)" if r.dropped else "")
+        brk = f"`{r.breaking.sha[:12]}` {_md(r.breaking.subject)} ({r.breaking.date[:10]})" if r.breaking else ""
+        lines.append(f"| {i} | `{r.series}/{r.name}` | {outcome} | {len(r.files)} | +{r.insertions}/-{r.deletions} | {brk} |")
+    if report.stopped_at and report.stopped_at.conflicted_files:
+        s = report.stopped_at
+        lines += ["", f"Stopped at `{s.series}/{s.name}`; conflicted: " + ", ".join(f"`{f}`" for f in s.conflicted_files)]
+        lines += [f"- `{u.sha[:12]}` {_md(u.subject)} — {_md(u.author)}" for u in s.upstream_commits]
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
