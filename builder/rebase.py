@@ -26,8 +26,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from . import apply, sources
+from .config import SHA_RE, Config, ResolvedStack, Source
 from .errors import ExportError, LockError, RebaseError
-from .export import SeriesSpec, apply_export, atomic_write, git, out, plan_export
+from .export import ExportResult, SeriesSpec, apply_export, atomic_write, check_failure, git, out, plan_export
+from .patches import Patch
+from .series import load_stack_patches
+from .settings import Settings
 
 STATE_VERSION = 1
 FIXED_IDENTITY = {
@@ -691,3 +696,142 @@ def markdown(report: Report) -> str:
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+# ---------------------------------------------------------------------------------------------
+# from stack.toml to a plan: the one place that reads the core's sources, series and engine
+
+
+def _git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Source:
+    git_sources = [s for s in resolved.sources if resolved.series_for(s.name)]
+    if name is None:
+        if len(git_sources) != 1:
+            raise RebaseError(f"stack '{resolved.name}' patches {len(git_sources)} sources; say which",
+                              hint=f"--source {' or --source '.join(s.name for s in git_sources) or 'NAME'}")
+        return git_sources[0]
+    found = [s for s in resolved.sources if s.name == name]
+    if not found or not resolved.series_for(name):
+        raise RebaseError(f"stack '{resolved.name}' has no series for source '{name}'", where=str(cfg.path),
+                          hint=f"sources with series: {', '.join(s.name for s in git_sources) or 'none'}")
+    if found[0].kind != "git":
+        raise RebaseError(f"source '{name}' is an {found[0].kind} pin; only git sources can be rebased",
+                          where=cfg.where.at(f"sources.{name}"), hint="point it at a git url + commit to rebase it")
+    return found[0]
+
+
+def resolve_ref(settings: Settings, source: Source, mirror: Path, ref: str) -> str:
+    """A SHA the mirror has, or anything upstream can name (branch, tag, SHA), fetched on demand."""
+    def local() -> str | None:
+        proc = git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", git_dir=mirror, check=False)
+        return proc.stdout.decode().strip() or None
+
+    if SHA_RE.match(ref) and local():
+        return str(local())
+    fetched = git("fetch", "-q", "--no-tags", settings.rewrite(str(source.url)), ref, git_dir=mirror, check=False)
+    if fetched.returncode == 0:
+        return out("rev-parse", "FETCH_HEAD^{commit}", git_dir=mirror)
+    found = local()
+    if found is None:
+        why = (fetched.stderr.decode(errors="replace").strip().splitlines() or ["not found"])[-1]
+        raise RebaseError(f"'{ref}' is not a commit, branch or tag of {source.location} ({why})",
+                          where=f"--onto {ref}", hint="check the name; `git ls-remote URL` lists what upstream has")
+    return found
+
+
+def _specs(resolved: ResolvedStack, source: str, patches: Sequence[Patch]) -> tuple[SeriesSpec, ...]:
+    return tuple(
+        SeriesSpec(name=s.name, patch_dir=s.patch_dir, directory=s.directory, strip=s.strip, inline=s.inline is not None,
+                   remote=frozenset(p.name for p in patches if p.series == s.name and p.url))
+        for s in resolved.series_for(source))
+
+
+def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch]) -> tuple[Item, ...]:
+    replay = apply.replay(mirror, pin, patches)
+    bad = [r for r in replay.results if r.outcome == "conflict" or not r.commit]
+    if bad:
+        raise RebaseError(f"{bad[0].patch.series}/{bad[0].patch.name} does not apply at the current pin ({bad[0].outcome})",
+                          hint="fix the series at its own pin first (`stackbuild check`), then rebase")
+    return tuple(Item(r.patch.series, r.patch.name, r.commit) for r in replay.results)
+
+
+def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> Plan:
+    resolved = cfg.stack(stack)
+    src = _git_source(cfg, resolved, source)
+    mirror = sources.sync(settings, src)
+    patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
+    return Plan(
+        stack=stack, source=src.name, git_dir=mirror, worktree=settings.work_dir / stack / src.name,
+        branch=f"stackbuild/{stack}", old_pin=str(src.commit), onto=resolve_ref(settings, src, mirror, onto),
+        items=_old_commits(mirror, str(src.commit), patches), root=cfg.root, stack_file=cfg.path,
+        series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
+        state_dir=state_dir_for(settings.work_dir, stack),
+    )
+
+
+def find_in_progress(settings: Settings, stack: str | None, source: str | None) -> tuple[Path, str]:
+    """The state of the one rebase a bare `--continue` means."""
+    stacks = [stack] if stack else sorted(p.parent.parent.name for p in settings.work_dir.glob("*/.rebase/*.json"))
+    found = [(state_dir_for(settings.work_dir, s), src) for s in dict.fromkeys(stacks)
+             for src in sources_in_progress(state_dir_for(settings.work_dir, s)) if source in (None, src)]
+    if len(found) != 1:
+        raise RebaseError("no rebase in progress" if not found else
+                          f"{len(found)} rebases in progress: " + ", ".join(f"{d.parent.name}/{s}" for d, s in found),
+                          where=str(settings.work_dir), hint="name it: stackbuild rebase STACK --source SOURCE --continue")
+    return found[0]
+
+
+def rebase_stack(settings: Settings, cfg: Config | None, stack: str | None, source: str | None, *, onto: str | None,
+                 action: str | None = None, drop_merged: bool = False, decode: bool = False,
+                 refresh_context: bool = False) -> Report:
+    """What `stackbuild rebase` does: start a replay, or continue/skip/abort the one in progress."""
+    if action:
+        if onto:
+            raise RebaseError(f"--{action} takes no --onto", hint=f"`stackbuild rebase --{action}`")
+        state_dir, src = find_in_progress(settings, stack, source)
+        return resume(state_dir, src, action)
+    if not stack or not onto or cfg is None:
+        raise RebaseError("rebase needs a stack and --onto REF", hint="stackbuild rebase STACK --source vllm --onto REF")
+    return start(make_plan(settings, cfg, stack, source, onto), drop_merged=drop_merged, decode=decode,
+                 refresh_context=refresh_context)
+
+
+def bisect_stack(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> BisectReport:
+    plan = make_plan(settings, cfg, stack, source, onto)
+    return bisect(plan.git_dir, plan.old_pin, plan.onto, plan.items, plan.source)
+
+
+def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None = None, *, check: bool = False,
+                 decode: bool = False, refresh_context: bool = False) -> tuple[ExportResult, ...]:
+    """Patch files from the worktree's commits (or, with no worktree, from an in-memory apply)."""
+    resolved = cfg.stack(stack)
+    chosen = [_git_source(cfg, resolved, source)] if source else [
+        s for s in resolved.sources if resolved.series_for(s.name) and s.kind == "git"]
+    loaded = load_stack_patches(settings, cfg, resolved)
+    results = []
+    for src in chosen:
+        state = _state_path(state_dir_for(settings.work_dir, stack), src.name)
+        if state.exists():
+            raise ExportError(f"a rebase of '{src.name}' is in progress", where=str(state),
+                              hint="finish it (`stackbuild rebase --continue`) or `--abort` it first")
+        mirror = sources.sync(settings, src)
+        patches = loaded.get(src.name, ())
+        worktree = settings.work_dir / stack / src.name
+        if (worktree / ".git").exists():
+            head = out("rev-parse", "HEAD", cwd=worktree)
+            if git("merge-base", "--is-ancestor", str(src.commit), head, cwd=worktree, check=False).returncode:
+                raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
+                                  hint="re-apply the stack, or finish the rebase that moved it")
+        else:
+            head = apply.replay(mirror, str(src.commit), patches).head
+        results.append(plan_export(
+            git_dir=mirror, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
+            series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
+            decode_all=decode, refresh_context=refresh_context))
+    if check:
+        failure = check_failure(results)
+        if failure:
+            raise failure
+        return tuple(results)
+    for result in results:
+        apply_export(result)
+    return tuple(results)

@@ -1,0 +1,136 @@
+"""`stackbuild rebase`, `export` and `bisect`: parse, call one library function, render."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .. import rebase as rb
+from ..errors import ConfigError, RebaseError
+from ..export import atomic_write
+from . import Context, emit, json_option, main, pass_ctx, run
+
+
+@main.command("rebase")
+@click.argument("stack", required=False)
+@click.option("--source", metavar="NAME", help="Source whose patches move (needed when the stack patches several).")
+@click.option("--onto", metavar="REF", help="Upstream SHA, tag or branch to move to (fetched if needed).")
+@click.option("--drop-merged", is_flag=True, help="Drop patches upstream already contains instead of stopping.")
+@click.option("--decode", is_flag=True, help="Export encoded (.gz/.b64) patches back as plain .patch files.")
+@click.option("--refresh-context", is_flag=True, help="Rewrite patches even when only their line numbers moved.")
+@click.option("--continue", "action", flag_value="continue", help="Resume after resolving and staging a conflict.")
+@click.option("--skip", "action", flag_value="skip", help="Drop the patch the rebase stopped at and go on.")
+@click.option("--abort", "action", flag_value="abort", help="Put pins, patch files and worktree back as they were.")
+@click.option("--markdown", "markdown_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the Markdown summary (for a pull request) to FILE.")
+@json_option
+@pass_ctx
+def rebase_cmd(ctx: Context, stack: str | None, source: str | None, onto: str | None, drop_merged: bool,
+               decode: bool, refresh_context: bool, action: str | None, markdown_file: Path | None) -> None:
+    """Replay a source's patches onto a new upstream REF, three-way, one word per patch."""
+
+    def call() -> rb.Report:
+        cfg = _config_if_any(ctx) if action and not stack else ctx.config()
+        settings = ctx.settings(cfg)
+        return rb.rebase_stack(settings, cfg, stack, source, onto=onto, action=action, drop_merged=drop_merged,
+                               decode=decode, refresh_context=refresh_context)
+
+    report = run(ctx, call)
+    if markdown_file:
+        atomic_write(markdown_file, rb.markdown(report).encode())
+    emit(ctx, report.to_json(), lambda _: _render_rebase(report))
+    if report.status == "stopped":
+        sys.exit(RebaseError.exit_code)
+
+
+def _config_if_any(ctx: Context):
+    """`--continue` works from anywhere: the project's stack.toml only sets where work/ is."""
+    try:
+        return ctx.config()
+    except ConfigError:  # no stack.toml here is fine: the rebase state names every path it needs
+        return None
+
+
+def _render_rebase(report: rb.Report) -> None:
+    click.echo(f"rebase {report.source} ({report.stack}): {report.old_pin[:12]} -> {report.onto[:12]}")
+    for r in report.results:
+        extra = " (dropped)" if r.dropped else ""
+        brk = f"  broken by {r.breaking.sha[:12]} {r.breaking.subject}" if r.breaking else ""
+        click.echo(f"  {r.outcome:<9} {r.series}/{r.name}{extra}  {len(r.files)} files +{r.insertions}/-{r.deletions}{brk}")
+    s = report.stopped_at
+    if report.status == "stopped" and s:
+        if s.outcome == "upstream":
+            click.echo(f"stopped: {s.series}/{s.name} is already upstream; `stackbuild rebase --skip` drops it "
+                       "(or rerun with --drop-merged)")
+            return
+        click.echo(f"stopped at {s.series}/{s.name}: conflicts in {', '.join(s.conflicted_files)}")
+        for u in s.upstream_commits:
+            click.echo(f"  upstream {u.sha[:12]} {u.date[:10]} {u.author}: {u.subject}")
+        click.echo("resolve, `git add` the files, then `stackbuild rebase --continue` (or --skip / --abort)")
+    elif report.status == "finished" and report.export:
+        changed = [c for c in report.export["patches"] if c["action"] not in ("unchanged", "kept")]
+        click.echo(f"exported: {len(changed)} patch files changed; pin now {report.onto}")
+    else:
+        click.echo(report.status)
+
+
+@main.command("export")
+@click.argument("stack")
+@click.option("--source", metavar="NAME", help="Only this source's series.")
+@click.option("--check", is_flag=True, help="Write nothing; exit non-zero if any file is not the canonical export.")
+@click.option("--decode", is_flag=True, help="Write encoded (.gz/.b64) patches as plain .patch files.")
+@click.option("--refresh-context", is_flag=True, help="Rewrite patches whose line numbers or blob ids moved.")
+@json_option
+@pass_ctx
+def export_cmd(ctx: Context, stack: str, source: str | None, check: bool, decode: bool, refresh_context: bool) -> None:
+    """Rewrite the patch files from the worktree's commits, in canonical form."""
+
+    def call():
+        cfg = ctx.config()
+        return rb.export_stack(ctx.settings(cfg), cfg, stack, source, check=check, decode=decode,
+                               refresh_context=refresh_context)
+
+    results = run(ctx, call)
+    emit(ctx, [r.to_json() for r in results], lambda _: _render_export(results, check))
+
+
+def _render_export(results, check: bool) -> None:
+    for r in results:
+        for c in r.changes:
+            if c.action not in ("unchanged", "kept"):
+                click.echo(f"  {c.action:<9} {c.path}")
+        moved = sum(c.action == "kept" for c in r.changes)
+        click.echo(f"{r.source}: {'canonical' if check else 'exported'}" + (f" ({moved} moved only, kept)" if moved else ""))
+
+
+@main.command("bisect")
+@click.argument("stack")
+@click.option("--source", metavar="NAME", help="Source whose patches are probed.")
+@click.option("--onto", required=True, metavar="REF", help="Upstream SHA, tag or branch to probe up to.")
+@json_option
+@pass_ctx
+def bisect_cmd(ctx: Context, stack: str, source: str | None, onto: str) -> None:
+    """Name the upstream commit that breaks each patch, and how far the pin can move today."""
+
+    def call():
+        cfg = ctx.config()
+        return rb.bisect_stack(ctx.settings(cfg), cfg, stack, source, onto)
+
+    report = run(ctx, call)
+    emit(ctx, report.to_json(), lambda _: _render_bisect(report))
+
+
+def _render_bisect(r: rb.BisectReport) -> None:
+    click.echo(f"{r.source}: {r.commits} commits {r.old_pin[:12]}..{r.onto[:12]}, {r.probes} probes")
+    for b in r.patches:
+        if b.commit:
+            click.echo(f"  {b.series}/{b.name}: stops applying at {b.commit.sha[:12]} {b.commit.date[:10]} {b.commit.subject}")
+        else:
+            click.echo(f"  {b.series}/{b.name}: {b.note}")
+    if r.newest_clean:
+        click.echo(f"whole series applies as is up to {r.newest_clean.sha[:12]} {r.newest_clean.date[:10]} "
+                   f"{r.newest_clean.subject}")
+    else:
+        click.echo("the series does not apply as is even at the current pin")
