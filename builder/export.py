@@ -10,11 +10,8 @@ create no churn.
 
 from __future__ import annotations
 
-import base64
-import gzip
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +19,13 @@ from typing import Iterable, Mapping, Sequence
 
 import tomlkit
 
+from .apply import TRAILER
 from .errors import ExportError
+from .git import git
+from .patches import encode, encoding_of
+from .series import parse_series_text
 
-TRAILER = "Stackbuild-Patch"
 TRAILER_RE = re.compile(rf"^{TRAILER}: *(\S+)\s*$", re.M)
-ENCODINGS = ("gz.b64", "b64", "gz", "")
 
 # Every config key that changes format-patch output is fixed here, whatever ~/.gitconfig says.
 _CANON_CONFIG = (
@@ -45,23 +44,6 @@ _FORMAT_ARGS = (
 )
 
 
-def git(*args: str, cwd: Path | None = None, git_dir: Path | None = None, env: Mapping[str, str] | None = None,
-        input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """Runs git with a C locale (messages we parse stay English) and no prompts."""
-    full_env = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", **(env or {})}
-    cmd = ["git"] + ([f"--git-dir={git_dir}"] if git_dir else []) + list(args)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, input=input, capture_output=True)
-    if check and proc.returncode != 0:
-        words = [a for i, a in enumerate(args) if a != "-c" and (i == 0 or args[i - 1] != "-c")]
-        last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        raise ExportError(f"git {' '.join(words[:3])} failed: {last[0]}", where=str(cwd or git_dir or "."))
-    return proc
-
-
-def out(*args: str, **kw) -> str:
-    return git(*args, **kw).stdout.decode().strip()
-
-
 # ---------------------------------------------------------------------------------------------
 # canonical text
 
@@ -78,7 +60,7 @@ def canonical_patch(git_dir: Path, commit: str, *, directory: str = "", strip: i
         args.append("--no-prefix")
     if directory:
         args.append(f"--relative={directory}")
-    raw = git(*cfg, *args, commit, git_dir=git_dir).stdout
+    raw = git([*cfg, *args, commit], git_dir=git_dir, error=ExportError).stdout
     return strip_trailer(raw)
 
 
@@ -108,32 +90,6 @@ def normalized(patch: bytes) -> bytes:
     return patch[:cut] + b"\n".join(body)
 
 
-def encode(data: bytes, encoding: str) -> bytes:
-    """Deterministic re-encoding: gzip without name or time, base64 in 76-column lines."""
-    if encoding not in ENCODINGS:
-        raise ExportError(f"unknown patch encoding '{encoding}'", hint=f"one of {', '.join(e or 'plain' for e in ENCODINGS)}")
-    if encoding.startswith("gz"):
-        data = gzip.compress(data, compresslevel=9, mtime=0)
-    if encoding.endswith("b64"):
-        data = base64.encodebytes(data)
-    return data
-
-
-def decode(data: bytes, encoding: str) -> bytes:
-    if encoding.endswith("b64"):
-        data = base64.b64decode(data)
-    if encoding.startswith("gz"):
-        data = gzip.decompress(data)
-    return data
-
-
-def encoding_of(name: str) -> str:
-    for enc in ENCODINGS[:-1]:
-        if name.endswith("." + enc):
-            return enc
-    return ""
-
-
 def plain_name(name: str) -> str:
     enc = encoding_of(name)
     base = name[: -len(enc) - 1] if enc else name
@@ -142,20 +98,6 @@ def plain_name(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # files written together: everything to temporaries first, renames last
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def commit_files(writes: Mapping[Path, bytes | None]) -> None:
@@ -228,7 +170,7 @@ def edit_series_file(text: str, names: Sequence[str], renames: Mapping[str, str]
 
 
 def series_entries(text: str) -> list[str]:
-    return [t for t in (_entry_token(line) for line in text.splitlines()) if t is not None]
+    return [e.name for e in parse_series_text(text, "series")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +227,8 @@ class ExportResult:
 
 def commits_between(git_dir: Path, base: str, head: str) -> list[tuple[str, str]]:
     """(sha, message) of the first-parent commits base..head, oldest first."""
-    raw = git("log", "--first-parent", "--reverse", "--format=%H%x00%B%x00", f"{base}..{head}", git_dir=git_dir).stdout
+    raw = git(["log", "--first-parent", "--reverse", "--format=%H%x00%B%x00", f"{base}..{head}"], git_dir=git_dir,
+              error=ExportError).stdout
     parts = raw.decode("utf-8", errors="replace").split("\x00")
     return [(parts[i].strip(), parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
 

@@ -15,31 +15,28 @@ worktree back exactly as they were.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import math
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import apply, sources
-from .config import SHA_RE, Config, ResolvedStack, Source
-from .errors import ExportError, LockError, RebaseError
-from .export import ExportResult, SeriesSpec, apply_export, atomic_write, check_failure, git, out, plan_export
-from .patches import Patch
+from .config import Config, ResolvedStack, Source
+from .errors import ExportError, RebaseError
+from .export import ExportResult, SeriesSpec, apply_export, canonical_patch, check_failure, plan_export
+from .fsutil import atomic_write, locked
+from .git import EMAIL, EPOCH, IDENTITY, git, out
+from .patches import Patch, parse_patch
 from .series import load_stack_patches
 from .settings import Settings
 
 STATE_VERSION = 1
-FIXED_IDENTITY = {
-    "GIT_COMMITTER_NAME": "stackbuild",
-    "GIT_COMMITTER_EMAIL": "stackbuild@invalid",
-    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
-}
+# The engine's committer: a commit made by a merge or a resolution looks like one made by apply.
+FIXED_IDENTITY = {"GIT_COMMITTER_NAME": IDENTITY, "GIT_COMMITTER_EMAIL": EMAIL, "GIT_COMMITTER_DATE": EPOCH}
 OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
 
 
@@ -204,17 +201,9 @@ def sources_in_progress(state_dir: Path) -> list[str]:
     return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
 
 
-@contextmanager
-def _locked(state_dir: Path, source: str) -> Iterator[None]:
+def _locked(state_dir: Path, source: str):
     """One process per source; the kernel drops the lock when a killed process dies."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / f"{source}.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockError(f"another stackbuild is rebasing '{source}'", where=str(state_dir),
-                            hint="wait for it to finish") from None
-        yield
+    return locked(state_dir / f"{source}.lock", f"the rebase of '{source}'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,19 +211,21 @@ def _locked(state_dir: Path, source: str) -> Iterator[None]:
 
 
 def commit_info(git_dir: Path, sha: str) -> Upstream:
-    sha_, subject, author, date = out("log", "-1", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", sha, git_dir=git_dir).split("\x1f")
+    sha_, subject, author, date = out(["log", "-1", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", sha],
+                                      git_dir=git_dir, error=RebaseError).split("\x1f")
     return Upstream(sha_, subject, author, date)
 
 
-def patch_of(git_dir: Path, commit: str) -> bytes:
-    return git("diff-tree", "-p", "--full-index", "--binary", "--no-renames", "--no-color", "--no-ext-diff",
-               f"{commit}^", commit, git_dir=git_dir).stdout
+def patch_for(git_dir: Path, item: Item) -> Patch:
+    """The old commit as a mail patch: the engine commits it with the same message, author and date."""
+    data = canonical_patch(git_dir, item.old_commit)
+    return parse_patch(data, series=item.series, name=item.name, where=f"{item.series}/{item.name}@{item.old_commit[:12]}")
 
 
 def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ...], int, int]:
     files: list[str] = []
     add = rem = 0
-    for line in out("diff-tree", "-r", "--numstat", "-M", parent, commit, git_dir=git_dir).splitlines():
+    for line in out(["diff-tree", "-r", "--numstat", "-M", parent, commit], git_dir=git_dir).splitlines():
         a, r, path = line.split("\t", 2)
         files.append(path)
         add += int(a) if a != "-" else 0
@@ -242,52 +233,20 @@ def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ..
     return tuple(files), add, rem
 
 
-class MemoryIndex:
-    """A throw-away index in a temp dir: `git apply --cached` against it writes objects only."""
-
-    def __init__(self, git_dir: Path, tree: str):
-        self.git_dir = git_dir
-        self._dir = tempfile.TemporaryDirectory(prefix="stackbuild-idx-")
-        self.env = {"GIT_INDEX_FILE": os.path.join(self._dir.name, "index")}
-        git("read-tree", tree, git_dir=git_dir, env=self.env)
-
-    def apply(self, patch: bytes, *, reverse: bool = False, check: bool = False) -> tuple[bool, bool]:
-        """(applied, moved): moved when git had to look for a hunk at another line."""
-        args = ["apply", "--cached", "-v"] + (["-R"] if reverse else []) + (["--check"] if check else [])
-        proc = git(*args, git_dir=self.git_dir, env=self.env, input=patch, check=False)
-        return proc.returncode == 0, b"(offset" in proc.stderr
-
-    def write_tree(self) -> str:
-        return out("write-tree", git_dir=self.git_dir, env=self.env)
-
-    def close(self) -> None:
-        self._dir.cleanup()
-
-
-def recommit(git_dir: Path, old: str, tree: str, parent: str) -> str:
-    """The old commit's message and author on a new tree and parent; fixed committer."""
-    raw = out("log", "-1", "--format=%an%x1f%ae%x1f%aI", old, git_dir=git_dir).split("\x1f")
-    msg = git("log", "-1", "--format=%B", old, git_dir=git_dir).stdout
-    env = {**FIXED_IDENTITY, "GIT_AUTHOR_NAME": raw[0], "GIT_AUTHOR_EMAIL": raw[1], "GIT_AUTHOR_DATE": raw[2]}
-    return git("commit-tree", tree, "-p", parent, git_dir=git_dir, env=env, input=msg).stdout.decode().strip()
-
-
 def first_parent_range(git_dir: Path, old: str, new: str) -> list[str]:
     """Commits after `old` up to `new` on new's first-parent line, oldest first."""
-    return out("rev-list", "--first-parent", "--reverse", new, f"^{old}", git_dir=git_dir).split()
+    return out(["rev-list", "--first-parent", "--reverse", new, f"^{old}"], git_dir=git_dir, error=RebaseError).split()
 
 
 # ---------------------------------------------------------------------------------------------
 # probes and bisect (objects only, no worktree)
 
 
-def probe(git_dir: Path, commit: str, patches: Sequence[bytes]) -> tuple[bool, ...]:
-    """Which patches apply without a merge at `commit`, each on top of the ones before that did."""
-    index = MemoryIndex(git_dir, commit)
-    try:
-        return tuple(index.apply(p)[0] for p in patches)
-    finally:
-        index.close()
+def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, ...]:
+    """Which patches apply as they are (clean or at an offset) at `commit`, each on the ones
+    before it that did: the engine's in-memory replay, which moves no ref."""
+    result = apply.replay(git_dir, commit, patches, stop_at_failure=False)
+    return tuple(r.outcome in (apply.CLEAN, apply.OFFSET) for r in result.results)
 
 
 @dataclass(frozen=True)
@@ -320,7 +279,7 @@ class BisectReport:
 class Prober:
     """Caches whole-series probes per commit, so the searches of several patches share them."""
 
-    def __init__(self, git_dir: Path, patches: Sequence[bytes]):
+    def __init__(self, git_dir: Path, patches: Sequence[Patch]):
         self.git_dir, self.patches = git_dir, patches
         self.cache: dict[str, tuple[bool, ...]] = {}
 
@@ -346,21 +305,20 @@ def search(line: Sequence[str], ok: Callable[[str], bool]) -> tuple[int, int]:
     return hi, probes
 
 
-def bisect(git_dir: Path, old_pin: str, onto: str, items: Sequence[Item], source: str = "") -> BisectReport:
-    patches = [patch_of(git_dir, it.old_commit) for it in items]
+def bisect(git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch], source: str = "") -> BisectReport:
     line = [old_pin] + first_parent_range(git_dir, old_pin, onto)
     prober = Prober(git_dir, patches)
     at_pin, at_onto = prober(old_pin), prober(line[-1])
     bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
     found: list[Boundary] = []
-    for k, it in enumerate(items):
+    for k, p in enumerate(patches):
         if at_onto[k]:
             continue
         if not at_pin[k]:
-            found.append(Boundary(it.series, it.name, None, None, 2, "does not apply at the old pin either"))
+            found.append(Boundary(p.series, p.name, None, None, 2, "does not apply as is at the old pin either"))
             continue
         hi, probes = search(line, lambda c, k=k: prober(c)[k])
-        found.append(Boundary(it.series, it.name, commit_info(git_dir, line[hi]), line[hi - 1], probes + 2))
+        found.append(Boundary(p.series, p.name, commit_info(git_dir, line[hi]), line[hi - 1], probes + 2))
     if all(at_onto):
         newest = commit_info(git_dir, line[-1])
     elif not all(at_pin):
@@ -376,7 +334,7 @@ def bisect(git_dir: Path, old_pin: str, onto: str, items: Sequence[Item], source
 
 
 def _git_wt(state: State, *args: str, check: bool = True, env: Mapping[str, str] | None = None):
-    return git(*args, cwd=Path(state.worktree), env=env, check=check)
+    return git([*args], cwd=Path(state.worktree), env=env, check=check)
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -407,25 +365,25 @@ def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _worktree_before(plan: Plan) -> dict:
     branch_ref = f"refs/heads/{plan.branch}"
-    branch = git("rev-parse", "--verify", "-q", branch_ref, git_dir=plan.git_dir, check=False)
+    branch = git(["rev-parse", "--verify", "-q", branch_ref], git_dir=plan.git_dir, check=False)
     before: dict = {"branch_head": branch.stdout.decode().strip() or None, "exists": False}
     if (plan.worktree / ".git").exists():
-        status = out("status", "--porcelain", "--untracked-files=no", cwd=plan.worktree)
+        status = out(["status", "--porcelain", "--untracked-files=no"], cwd=plan.worktree)
         if status:
             raise RebaseError(f"worktree has uncommitted changes: {status.splitlines()[0]} …", where=str(plan.worktree),
                               hint="commit or discard them (`git -C WORKTREE stash`) before rebasing")
-        head_ref = git("symbolic-ref", "-q", "HEAD", cwd=plan.worktree, check=False).stdout.decode().strip()
-        before.update(exists=True, head=out("rev-parse", "HEAD", cwd=plan.worktree), head_ref=head_ref or None)
+        head_ref = git(["symbolic-ref", "-q", "HEAD"], cwd=plan.worktree, check=False).stdout.decode().strip()
+        before.update(exists=True, head=out(["rev-parse", "HEAD"], cwd=plan.worktree), head_ref=head_ref or None)
     return before
 
 
 def _prepare_worktree(plan: Plan, before: Mapping) -> None:
     if not before["exists"]:
         plan.worktree.parent.mkdir(parents=True, exist_ok=True)
-        git("worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto, git_dir=plan.git_dir)
+        git(["worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto], git_dir=plan.git_dir)
     else:
-        git("update-ref", f"refs/heads/{plan.branch}", plan.onto, cwd=plan.worktree)
-        git("symbolic-ref", "HEAD", f"refs/heads/{plan.branch}", cwd=plan.worktree)
+        git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=plan.worktree)
+        git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=plan.worktree)
 
 
 def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False,
@@ -477,28 +435,28 @@ def _continue_stopped(state: State) -> State:
     if state.stop == "upstream":
         raise RebaseError(f"{stopped.series}/{stopped.name} is already upstream and cannot be replayed",
                           hint="`stackbuild rebase --skip` drops it, `--abort` undoes the rebase")
-    unmerged = out("diff", "--name-only", "--diff-filter=U", cwd=Path(state.worktree))
+    unmerged = out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree))
     if unmerged:
         raise RebaseError(f"unresolved conflicts in {', '.join(unmerged.split())}", where=state.worktree,
                           hint="edit the files, `git add` them, then `stackbuild rebase --continue`")
-    if git("diff", "--quiet", cwd=Path(state.worktree), check=False).returncode:
+    if git(["diff", "--quiet"], cwd=Path(state.worktree), check=False).returncode:
         raise RebaseError("the worktree has changes that are not staged", where=state.worktree,
                           hint="`git add` the resolution (or `git checkout -- FILE` to drop it), then --continue")
     item = state.items[state.next]
-    head = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+    head = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
     if head != state.head:
         # The user committed the resolution themselves: accept it if it sits right on our head.
-        if out("rev-parse", f"{head}^", cwd=Path(state.worktree)) != state.head:
+        if out(["rev-parse", f"{head}^"], cwd=Path(state.worktree)) != state.head:
             raise RebaseError("HEAD moved away from the replay", where=state.worktree,
                               hint=f"reset it: git reset --hard {state.head[:12]}, or --abort")
         commit = head
-    elif git("diff", "--cached", "--quiet", "HEAD", cwd=Path(state.worktree), check=False).returncode == 0:
+    elif git(["diff", "--cached", "--quiet", "HEAD"], cwd=Path(state.worktree), check=False).returncode == 0:
         _git_wt(state, "reset", "--hard", "-q", state.head)
         result = replace(stopped, dropped=True)
         return replace(state, phase="replaying", next=state.next + 1, stop="", results=state.results[:-1] + (result,))
     else:
         _git_wt(state, "commit", "-q", "--no-verify", "--allow-empty-message", "-C", item.old_commit, env=FIXED_IDENTITY)
-        commit = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
     files, add, rem = diff_numbers(Path(state.git_dir), state.head, commit)
     result = replace(stopped, commit=commit, files=files, insertions=add, deletions=rem)
     return replace(state, phase="replaying", next=state.next + 1, head=commit, stop="",
@@ -506,22 +464,25 @@ def _continue_stopped(state: State) -> State:
 
 
 def _run(state_dir: Path, state: State, on_step: Callable[[State], None] | None) -> Report:
-    git_dir = Path(state.git_dir)
     if state.phase == "stopped":
         return _report(state, "stopped")
     if state.phase == "replaying":
         # A crash mid-step left the worktree anywhere: the state's head is the truth.
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        while state.next < len(state.items):
-            result, head = _step(state, state.items[state.next])
-            if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
-                state = replace(state, phase="stopped", stop=result.outcome, results=state.results + (result,))
+        memory = _Memory(Path(state.git_dir))
+        try:
+            while state.next < len(state.items):
+                result, head = _step(state, state.items[state.next], memory)
+                if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
+                    state = replace(state, phase="stopped", stop=result.outcome, results=state.results + (result,))
+                    save_state(state_dir, state)
+                    return _report(state, "stopped")
+                state = replace(state, next=state.next + 1, head=head, results=state.results + (result,))
                 save_state(state_dir, state)
-                return _report(state, "stopped")
-            state = replace(state, next=state.next + 1, head=head, results=state.results + (result,))
-            save_state(state_dir, state)
-            if on_step:
-                on_step(state)
+                if on_step:
+                    on_step(state)
+        finally:
+            memory.close()
         _git_wt(state, "reset", "--hard", "-q", state.head)
         state = replace(state, phase="exporting")
         save_state(state_dir, state)
@@ -532,43 +493,53 @@ def _run(state_dir: Path, state: State, on_step: Callable[[State], None] | None)
     return report
 
 
-def _step(state: State, item: Item) -> tuple[Result, str]:
+class _Memory:
+    """One engine kept across in-memory steps, so the tree is listed once, not once per patch."""
+
+    def __init__(self, git_dir: Path):
+        self.git_dir = git_dir
+        self.engine: apply.Engine | None = None
+
+    def at(self, head: str) -> apply.Engine:
+        if self.engine is None or self.engine.head != head or self.engine.pending:
+            self.close()
+            self.engine = apply.Engine(self.git_dir, head)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+def _step(state: State, item: Item, memory: _Memory) -> tuple[Result, str]:
+    """unchanged/moved/upstream (and git's own blob-based three-way) in memory; else cherry-pick."""
     git_dir = Path(state.git_dir)
-    patch = patch_of(git_dir, item.old_commit)
-    index = MemoryIndex(git_dir, state.head)
-    try:
-        applied, moved = index.apply(patch)
-        if applied:
-            commit = recommit(git_dir, item.old_commit, index.write_tree(), state.head)
-            files, add, rem = diff_numbers(git_dir, state.head, commit)
-            return Result(item.series, item.name, "moved" if moved else "unchanged", commit, False, files, add, rem), commit
-    finally:
-        index.close()
-    if _is_upstream(git_dir, state.head, patch):
+    engine = memory.at(state.head)
+    verdict = engine.step(patch_for(git_dir, item), track=False)
+    if verdict.outcome == apply.ALREADY:
         return _upstream_result(state, item), state.head
+    if verdict.ok and verdict.outcome in (apply.CLEAN, apply.OFFSET, apply.THREEWAY):
+        commit = engine.flush()[-1]
+        files, add, rem = diff_numbers(git_dir, state.head, commit)
+        word = {apply.CLEAN: "unchanged", apply.OFFSET: "moved", apply.THREEWAY: "merged"}[verdict.outcome]
+        return Result(item.series, item.name, word, commit, False, files, add, rem), commit
+    memory.close()  # the worktree takes over; a fresh engine starts from the next head
     _git_wt(state, "reset", "--hard", "-q", state.head)
     pick = _git_wt(state, "cherry-pick", "--no-rerere-autoupdate", item.old_commit, env=FIXED_IDENTITY, check=False)
     if pick.returncode == 0:
-        commit = out("rev-parse", "HEAD", cwd=Path(state.worktree))
+        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
         files, add, rem = diff_numbers(git_dir, state.head, commit)
         return Result(item.series, item.name, "merged", commit, False, files, add, rem), commit
-    conflicted = tuple(out("diff", "--name-only", "--diff-filter=U", cwd=Path(state.worktree)).split())
+    conflicted = tuple(out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree)).split())
     if not conflicted:
         # The merge came out empty: upstream already has the change, in another shape.
         _git_wt(state, "reset", "--hard", "-q", state.head)
         return _upstream_result(state, item), state.head
     files, add, rem = diff_numbers(git_dir, f"{item.old_commit}^", item.old_commit)
     touched = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
-    breaking = _breaking(state, item)
-    return Result(item.series, item.name, "conflict", None, False, files, add, rem, breaking, conflicted, touched), state.head
-
-
-def _is_upstream(git_dir: Path, head: str, patch: bytes) -> bool:
-    index = MemoryIndex(git_dir, head)
-    try:
-        return index.apply(patch, reverse=True, check=True)[0]
-    finally:
-        index.close()
+    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(state, item), conflicted,
+                   touched), state.head)
 
 
 def _upstream_result(state: State, item: Item) -> Result:
@@ -582,7 +553,7 @@ def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: in
     """Upstream commits since the old pin that changed the conflicted files, newest first."""
     if not paths:
         return ()
-    text = out("log", f"--max-count={limit}", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", f"{old}..{new}", "--", *paths,
+    text = out(["log", f"--max-count={limit}", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", f"{old}..{new}", "--", *paths],
                git_dir=git_dir)
     return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
 
@@ -591,7 +562,7 @@ def _breaking(state: State, item: Item) -> Upstream | None:
     """The first commit after the old pin at which this patch (on the ones before it) stops applying."""
     git_dir = Path(state.git_dir)
     k = state.items.index(item)
-    report = bisect(git_dir, state.old_pin, state.onto, state.items[: k + 1])
+    report = bisect(git_dir, state.old_pin, state.onto, [patch_for(git_dir, it) for it in state.items[: k + 1]])
     last = [b for b in report.patches if (b.series, b.name) == (item.series, item.name)]
     return last[0].commit if last else None
 
@@ -636,20 +607,20 @@ def _restore_worktree(state: State) -> None:
     before, git_dir, wt = state.before, Path(state.git_dir), Path(state.worktree)
     branch_ref = f"refs/heads/{state.branch}"
     if not before["exists"] and wt.exists():
-        git("worktree", "remove", "--force", str(wt), git_dir=git_dir, check=False)
+        git(["worktree", "remove", "--force", str(wt)], git_dir=git_dir, check=False)
         shutil.rmtree(wt, ignore_errors=True)
-        git("worktree", "prune", git_dir=git_dir)
+        git(["worktree", "prune"], git_dir=git_dir)
     if before["branch_head"]:
-        git("update-ref", branch_ref, str(before["branch_head"]), git_dir=git_dir)
+        git(["update-ref", branch_ref, str(before["branch_head"])], git_dir=git_dir)
     else:
-        git("update-ref", "-d", branch_ref, git_dir=git_dir, check=False)
+        git(["update-ref", "-d", branch_ref], git_dir=git_dir, check=False)
     if before["exists"]:
         if before.get("head_ref"):
-            git("symbolic-ref", "HEAD", str(before["head_ref"]), cwd=wt)
+            git(["symbolic-ref", "HEAD", str(before["head_ref"])], cwd=wt)
         else:
-            git("update-ref", "--no-deref", "HEAD", str(before["head"]), cwd=wt)
+            git(["update-ref", "--no-deref", "HEAD", str(before["head"])], cwd=wt)
         # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
-        git("reset", "--hard", "-q", str(before["head"]), cwd=wt)
+        git(["reset", "--hard", "-q", str(before["head"])], cwd=wt)
 
 
 def _cleanup(state_dir: Path, source: str) -> None:
@@ -719,25 +690,6 @@ def _git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Sourc
     return found[0]
 
 
-def resolve_ref(settings: Settings, source: Source, mirror: Path, ref: str) -> str:
-    """A SHA the mirror has, or anything upstream can name (branch, tag, SHA), fetched on demand."""
-    def local() -> str | None:
-        proc = git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", git_dir=mirror, check=False)
-        return proc.stdout.decode().strip() or None
-
-    if SHA_RE.match(ref) and local():
-        return str(local())
-    fetched = git("fetch", "-q", "--no-tags", settings.rewrite(str(source.url)), ref, git_dir=mirror, check=False)
-    if fetched.returncode == 0:
-        return out("rev-parse", "FETCH_HEAD^{commit}", git_dir=mirror)
-    found = local()
-    if found is None:
-        why = (fetched.stderr.decode(errors="replace").strip().splitlines() or ["not found"])[-1]
-        raise RebaseError(f"'{ref}' is not a commit, branch or tag of {source.location} ({why})",
-                          where=f"--onto {ref}", hint="check the name; `git ls-remote URL` lists what upstream has")
-    return found
-
-
 def _specs(resolved: ResolvedStack, source: str, patches: Sequence[Patch]) -> tuple[SeriesSpec, ...]:
     return tuple(
         SeriesSpec(name=s.name, patch_dir=s.patch_dir, directory=s.directory, strip=s.strip, inline=s.inline is not None,
@@ -757,11 +709,11 @@ def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch]) -> tuple[Item
 def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> Plan:
     resolved = cfg.stack(stack)
     src = _git_source(cfg, resolved, source)
-    mirror = sources.sync(settings, src)
+    mirror = sources.sync(settings, src).git_dir
     patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
     return Plan(
         stack=stack, source=src.name, git_dir=mirror, worktree=settings.work_dir / stack / src.name,
-        branch=f"stackbuild/{stack}", old_pin=str(src.commit), onto=resolve_ref(settings, src, mirror, onto),
+        branch=f"stackbuild/{stack}", old_pin=str(src.commit), onto=sources.fetch_ref(settings, src, mirror, onto),
         items=_old_commits(mirror, str(src.commit), patches), root=cfg.root, stack_file=cfg.path,
         series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
         state_dir=state_dir_for(settings.work_dir, stack),
@@ -796,8 +748,11 @@ def rebase_stack(settings: Settings, cfg: Config | None, stack: str | None, sour
 
 
 def bisect_stack(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> BisectReport:
-    plan = make_plan(settings, cfg, stack, source, onto)
-    return bisect(plan.git_dir, plan.old_pin, plan.onto, plan.items, plan.source)
+    resolved = cfg.stack(stack)
+    src = _git_source(cfg, resolved, source)
+    mirror = sources.sync(settings, src).git_dir
+    patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
+    return bisect(mirror, str(src.commit), sources.fetch_ref(settings, src, mirror, onto), patches, src.name)
 
 
 def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None = None, *, check: bool = False,
@@ -813,12 +768,12 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
         if state.exists():
             raise ExportError(f"a rebase of '{src.name}' is in progress", where=str(state),
                               hint="finish it (`stackbuild rebase --continue`) or `--abort` it first")
-        mirror = sources.sync(settings, src)
+        mirror = sources.sync(settings, src).git_dir
         patches = loaded.get(src.name, ())
         worktree = settings.work_dir / stack / src.name
         if (worktree / ".git").exists():
-            head = out("rev-parse", "HEAD", cwd=worktree)
-            if git("merge-base", "--is-ancestor", str(src.commit), head, cwd=worktree, check=False).returncode:
+            head = out(["rev-parse", "HEAD"], cwd=worktree)
+            if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
                 raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
                                   hint="re-apply the stack, or finish the rebase that moved it")
         else:

@@ -10,22 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import export as ex
+from builder import patches as pt
 from builder.rebase import Item, Plan
 from builder.export import SeriesSpec
-
-HERMETIC_ENV = {
-    "GIT_AUTHOR_NAME": "Up Stream", "GIT_AUTHOR_EMAIL": "up@example.invalid",
-    "GIT_COMMITTER_NAME": "Up Stream", "GIT_COMMITTER_EMAIL": "up@example.invalid",
-    "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-def hermetic(monkeypatch, home: Path) -> None:
-    monkeypatch.setenv("HOME", str(home))
-    for k, v in HERMETIC_ENV.items():
-        monkeypatch.setenv(k, v)
-
 
 def run(*args: str, cwd: Path | None = None, input: bytes | None = None, env: dict | None = None) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env={**os.environ, **(env or {})})
@@ -150,7 +137,7 @@ class Project:
         self.stack_file.write_text(STACK_TOML.format(url=self.upstream.path, pin=self.pin))
         self.patch_dir.mkdir(parents=True, exist_ok=True)
         for name, data in self.entries:
-            (self.patch_dir / name).write_bytes(ex.encode(data, ex.encoding_of(name)))
+            (self.patch_dir / name).write_bytes(pt.encode(data, pt.encoding_of(name)))
         (self.patch_dir / "series").write_text("# xpu patches, in order\n" + "".join(f"{n}\n" for n, _ in self.entries))
 
     def refresh_mirror(self) -> None:
@@ -158,7 +145,7 @@ class Project:
 
     def current(self) -> dict[tuple[str, str], bytes]:
         names = ex.series_entries((self.patch_dir / "series").read_text())
-        return {(self.series, n): ex.decode((self.patch_dir / n).read_bytes(), ex.encoding_of(n)) for n in names}
+        return {(self.series, n): pt.decode((self.patch_dir / n).read_bytes(), pt.encoding_of(n), n) for n in names}
 
     def plan(self, onto: str, work: Path) -> Plan:
         current = self.current()

@@ -7,12 +7,7 @@ import math
 import pytest
 
 from builder import rebase as rb
-from gitfixtures_rebase import hermetic, lines, new_project, replay_old, run
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    hermetic(monkeypatch, tmp_path / "home")
+from gitfixtures_rebase import lines, new_project, replay_old, run
 
 
 def history(tmp_path, n: int, events: dict[int, dict[str, str]]):
@@ -34,10 +29,10 @@ def history(tmp_path, n: int, events: dict[int, dict[str, str]]):
         shas.append(up.commit(f"upstream {i}", files))
     p.refresh_mirror()
     items = replay_old(p.mirror, p.pin, [(p.series, n_, d) for n_, d in p.entries])
-    return p, shas, items, body
+    return p, shas, [rb.patch_for(p.mirror, it) for it in items], body
 
 
-def test_finds_breaking_commit_per_patch_and_newest_clean(env, tmp_path):
+def test_finds_breaking_commit_per_patch_and_newest_clean(tmp_path):
     n = 40
     p0 = lines(30, "a.txt")
     events = {
@@ -59,13 +54,13 @@ def test_finds_breaking_commit_per_patch_and_newest_clean(env, tmp_path):
     assert report.probes <= 2 * report.bound  # the two searches share the endpoints and some probes
 
 
-def test_everything_applies_at_onto(env, tmp_path):
+def test_everything_applies_at_onto(tmp_path):
     p, shas, items, _ = history(tmp_path, 9, {})
     report = rb.bisect(p.mirror, p.pin, shas[-1], items)
     assert report.patches == () and report.newest_clean.sha == shas[-1] and report.probes == 2
 
 
-def test_non_monotone_history_gives_a_verified_transition(env, tmp_path):
+def test_non_monotone_history_gives_a_verified_transition(tmp_path):
     a = lines(30, "a.txt")
     broken = a.replace("a.txt 11\n", "a eleven\n")
     events = {8: {"a.txt": broken}, 12: {"a.txt": a}, 20: {"a.txt": broken}}
@@ -74,8 +69,8 @@ def test_non_monotone_history_gives_a_verified_transition(env, tmp_path):
     (b,) = report.patches
     assert b.commit.sha in (shas[8], shas[20])
     # Whatever transition the search lands on is real: fails there, applies at its first parent.
-    at = rb.probe(p.mirror, b.commit.sha, [rb.patch_of(p.mirror, items[0].old_commit)])
-    parent = rb.probe(p.mirror, run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror), [rb.patch_of(p.mirror, items[0].old_commit)])
+    at = rb.probe(p.mirror, b.commit.sha, items[:1])
+    parent = rb.probe(p.mirror, run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror), items[:1])
     assert at == (False,) and parent == (True,) and b.good == run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror)
 
 

@@ -13,14 +13,9 @@ import time
 import pytest
 
 from builder import rebase as rb
-from gitfixtures_rebase import hermetic, lines, new_project, run
+from gitfixtures_rebase import lines, new_project, run
 
 PATCHES = 60
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    hermetic(monkeypatch, tmp_path / "home")
 
 
 def long_series(tmp_path):
@@ -60,7 +55,7 @@ def start_and_kill(plan, tmp_path) -> None:
     assert progress["phase"] == "replaying" and 10 <= progress["next"] < PATCHES
 
 
-def test_kill_then_continue_gives_the_same_result(env, tmp_path):
+def test_kill_then_continue_gives_the_same_result(tmp_path):
     clean, onto = long_series(tmp_path / "a")
     expected = rb.start(clean.plan(onto, tmp_path / "a" / "work"))
     assert expected.status == "finished"
@@ -80,7 +75,7 @@ def test_kill_then_continue_gives_the_same_result(env, tmp_path):
     assert all(a[k] == b[k] for k in a if k != "stack.toml")
 
 
-def test_kill_then_abort_restores_everything(env, tmp_path):
+def test_kill_then_abort_restores_everything(tmp_path):
     p, onto = long_series(tmp_path)
     before = p.snapshot()
     plan = p.plan(onto, tmp_path / "work")

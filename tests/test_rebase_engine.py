@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 
 from builder import export as ex
+from builder import patches as pt
 from builder import rebase as rb
 from builder.errors import RebaseError
-from gitfixtures_rebase import hermetic, lines, new_project, run
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    hermetic(monkeypatch, tmp_path / "home")
+from gitfixtures_rebase import lines, new_project, run
 
 
 def five_outcomes(tmp_path):
@@ -39,7 +35,7 @@ def five_outcomes(tmp_path):
     return p, onto, breaking
 
 
-def test_every_outcome_then_continue(env, tmp_path):
+def test_every_outcome_then_continue(tmp_path):
     p, onto, breaking = five_outcomes(tmp_path)
     work = tmp_path / "work"
     before = p.snapshot()
@@ -81,7 +77,7 @@ def test_every_outcome_then_continue(env, tmp_path):
     assert run("rev-parse", "stackbuild/lab", cwd=wt) == done.results[-1].commit
 
 
-def test_upstream_stops_without_drop_merged_and_skip_drops(env, tmp_path):
+def test_upstream_stops_without_drop_merged_and_skip_drops(tmp_path):
     p, onto, _ = five_outcomes(tmp_path)
     work = tmp_path / "work"
     report = rb.start(p.plan(onto, work))
@@ -97,7 +93,7 @@ def test_upstream_stops_without_drop_merged_and_skip_drops(env, tmp_path):
     assert not (p.patch_dir / "0005-e.patch").exists()
 
 
-def test_abort_restores_everything(env, tmp_path):
+def test_abort_restores_everything(tmp_path):
     p, onto, _ = five_outcomes(tmp_path)
     work = tmp_path / "work"
     # An existing worktree on the branch, at the old pin with the patches: abort must bring it back.
@@ -120,7 +116,7 @@ def test_abort_restores_everything(env, tmp_path):
         rb.resume(work / "lab" / ".rebase", "vllm", "continue")
 
 
-def test_abort_removes_worktree_it_created(env, tmp_path):
+def test_abort_removes_worktree_it_created(tmp_path):
     p, onto, _ = five_outcomes(tmp_path)
     work = tmp_path / "work"
     rb.start(p.plan(onto, work), drop_merged=True)
@@ -129,7 +125,7 @@ def test_abort_removes_worktree_it_created(env, tmp_path):
     assert run("branch", "--list", "stackbuild/lab", cwd=p.mirror) == ""
 
 
-def test_second_start_refused_while_in_progress(env, tmp_path):
+def test_second_start_refused_while_in_progress(tmp_path):
     p, onto, _ = five_outcomes(tmp_path)
     work = tmp_path / "work"
     rb.start(p.plan(onto, work), drop_merged=True)
@@ -137,7 +133,7 @@ def test_second_start_refused_while_in_progress(env, tmp_path):
         rb.start(p.plan(onto, work), drop_merged=True)
 
 
-def test_dirty_worktree_refused(env, tmp_path):
+def test_dirty_worktree_refused(tmp_path):
     p, onto, _ = five_outcomes(tmp_path)
     work = tmp_path / "work"
     plan = p.plan(onto, work)
@@ -148,7 +144,7 @@ def test_dirty_worktree_refused(env, tmp_path):
     assert not (work / "lab" / ".rebase" / "vllm.json").exists()
 
 
-def test_rename_upstream_is_merged_onto_new_path(env, tmp_path):
+def test_rename_upstream_is_merged_onto_new_path(tmp_path):
     p = new_project(tmp_path)
     up = p.upstream
     body = lines(40, "f")
@@ -165,7 +161,7 @@ def test_rename_upstream_is_merged_onto_new_path(env, tmp_path):
     assert b"diff --git a/new/f.py b/new/f.py" in patch and b"+F7" in patch
 
 
-def test_all_clean_finishes_and_encoded_patch_keeps_encoding(env, tmp_path):
+def test_all_clean_finishes_and_encoded_patch_keeps_encoding(tmp_path):
     p = new_project(tmp_path)
     up = p.upstream
     body = lines(30, "g")
@@ -180,11 +176,11 @@ def test_all_clean_finishes_and_encoded_patch_keeps_encoding(env, tmp_path):
     report = rb.start(p.plan(onto, tmp_path / "work"))
     assert [r.outcome for r in report.results] == ["merged", "unchanged"]
     raw = (p.patch_dir / "0001-g.patch.gz.b64").read_bytes()
-    assert b"g five" in ex.decode(raw, "gz.b64")
-    assert raw == ex.encode(ex.decode(raw, "gz.b64"), "gz.b64")
+    assert b"g five" in pt.decode(raw, "gz.b64", "t")
+    assert raw == pt.encode(pt.decode(raw, "gz.b64", "t"), "gz.b64")
 
 
-def test_decode_writes_plain_patch_and_updates_series(env, tmp_path):
+def test_decode_writes_plain_patch_and_updates_series(tmp_path):
     p = new_project(tmp_path)
     up = p.upstream
     body = lines(30, "g")

@@ -9,7 +9,7 @@ import click
 
 from .. import rebase as rb
 from ..errors import ConfigError, RebaseError
-from ..export import atomic_write
+from ..fsutil import atomic_write
 from . import Context, emit, json_option, main, pass_ctx, run
 
 
