@@ -1,0 +1,219 @@
+"""Benchmark: `stackbuild bisect` and `stackbuild rebase` against doing the same by hand with git.
+
+Builds everything in a temporary folder: an upstream with COMMITS first-parent commits (written
+through `git fast-import`), a 50-patch series on its first commit, and a stack.toml. Then:
+
+  bisect   stackbuild: `bisect` over the whole history (every patch that stops applying, and the
+           newest commit where the whole series still applies), in memory.
+           by hand:    for each of those patches, `git bisect run git apply --check PATCH` in a
+           worktree (what a person does today), plus the same for the whole series.
+  rebase   stackbuild: `rebase STACK --onto REF` end to end (mirror, series, replay, export of
+           the patch files, pin move).
+           by hand:    `git rebase --onto REF PIN` of the 50 equivalent commits in a worktree
+           (commits only: no patch files written).
+
+Each figure is the median of --runs runs; ratios are by-hand time / stackbuild time.
+Usage: python bench/bench_rebase.py [--commits 1000] [--patches 50] [--runs 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from builder import rebase as rb  # noqa: E402
+from builder.config import load_config  # noqa: E402
+from builder.export import canonical_patch  # noqa: E402
+from builder.settings import load_settings  # noqa: E402
+
+FILES = 60
+LINES = 200
+ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LC_ALL": "C",
+    "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid", "GIT_AUTHOR_DATE": "1700000000 +0000",
+    "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid", "GIT_COMMITTER_DATE": "1700000000 +0000",
+}
+
+
+def git(*args: str, cwd: Path | None = None, input: bytes | None = None, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env={**os.environ, **ENV})
+    if check and proc.returncode:
+        raise SystemExit(f"git {' '.join(args)}: {proc.stderr.decode()}")
+    return proc.stdout.decode().strip()
+
+
+def content(f: int, edits: dict[int, str], top: int) -> bytes:
+    rows = [f"file {f} line {i}\n" for i in range(1, LINES + 1)]
+    for i, text in edits.items():
+        rows[i - 1] = text + "\n"
+    return ("".join(f"header {f}.{j}\n" for j in range(top)) + "".join(rows)).encode()
+
+
+def build_upstream(path: Path, commits: int, patches: int) -> tuple[list[str], dict[int, int]]:
+    """Commit 0 is the pin. Upstream commit i touches line 10 of one file (never a patch's context),
+    every 50th inserts a line at the top of a file (patches move), and a few touch a patch's
+    context (that patch stops applying as is; a three-way merge still takes it)."""
+    git("init", "-q", "-b", "main", str(path))
+    breaks = {commits * 3 // 10: 3, commits * 7 // 10: 7}  # upstream commit -> patch it breaks
+    edits: dict[int, dict[int, str]] = {f: {} for f in range(FILES)}
+    tops = {f: 0 for f in range(FILES)}
+    stream = []
+    for i in range(commits + 1):
+        changed = set(range(FILES)) if i == 0 else set()
+        if i:
+            f = i % FILES
+            edits[f][10] = f"upstream {i}"
+            changed.add(f)
+            if i % 50 == 0:
+                tops[(i // 50) % patches] += 1
+                changed.add((i // 50) % patches)
+            if i in breaks:
+                edits[breaks[i]][103] = f"upstream {i} rewrites our context"
+                changed.add(breaks[i])
+        msg = f"upstream {i}".encode()
+        stream.append(b"commit refs/heads/main\nmark :%d\n" % (i + 1))
+        stream.append(b"author Up <up@example.invalid> %d +0000\ncommitter Up <up@example.invalid> %d +0000\n"
+                      % (1700000000 + i * 60, 1700000000 + i * 60))
+        stream.append(b"data %d\n%s\n" % (len(msg), msg))
+        if i:
+            stream.append(b"from :%d\n" % i)
+        for f in sorted(changed):
+            data = content(f, edits[f], tops[f])
+            stream.append(b"M 100644 inline src/f%02d.txt\ndata %d\n%s\n" % (f, len(data), data))
+    subprocess.run(["git", "fast-import", "--quiet"], cwd=path, input=b"".join(stream), check=True,
+                   env={**os.environ, **ENV})
+    git("reset", "-q", "--hard", "main", cwd=path)
+    return git("rev-list", "--first-parent", "--reverse", "main", cwd=path).split(), {v: k for k, v in breaks.items()}
+
+
+def make_series(upstream: Path, pin: str, patches: int, patch_dir: Path) -> list[str]:
+    """Patch k changes line 100 of file k, as a format-patch mail on the pin."""
+    names = []
+    patch_dir.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(patches):
+            env_idx = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            subprocess.run(["git", "read-tree", pin], cwd=upstream, env={**os.environ, **ENV, **env_idx}, check=True)
+            blob = git("hash-object", "-w", "--stdin", cwd=upstream, input=content(k, {100: f"xpu tuned {k}"}, 0))
+            subprocess.run(["git", "update-index", "--cacheinfo", f"100644,{blob},src/f{k:02d}.txt"], cwd=upstream,
+                           env={**os.environ, **ENV, **env_idx}, check=True)
+            tree = subprocess.run(["git", "write-tree"], cwd=upstream, env={**os.environ, **ENV, **env_idx},
+                                  capture_output=True, check=True).stdout.decode().strip()
+            commit = git("commit-tree", tree, "-p", pin, "-m", f"xpu: tune file {k}", cwd=upstream)
+            name = f"{k + 1:04d}-xpu-tune-file-{k}.patch"
+            (patch_dir / name).write_bytes(canonical_patch(upstream / ".git", commit))
+            names.append(name)
+    (patch_dir / "series").write_text("".join(f"{n}\n" for n in names))
+    return names
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--commits", type=int, default=1000)
+    ap.add_argument("--patches", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    os.environ.update(ENV)
+    with tempfile.TemporaryDirectory(prefix="bench-rebase-") as tmp_s:
+        tmp = Path(tmp_s)
+        os.environ["HOME"] = str(tmp / "home")
+        os.environ["STACKBUILD_CACHE"] = str(tmp / "cache")
+        up = tmp / "upstream"
+        shas, breaks = build_upstream(up, args.commits, args.patches)
+        pin, ref = shas[0], shas[-1]
+        pristine = tmp / "pristine"
+        names = make_series(up, pin, args.patches, pristine / "patches" / "xpu")
+        (pristine / "stack.toml").write_text(
+            f'# bench stack\n[sources.vllm]\nurl = "{up}"\ncommit = "{pin}"  # the pin\n\n'
+            '[series.xpu]\nsource = "vllm"\n\n[stacks.lab]\nseries = ["xpu"]\n')
+
+        def fresh(run: int) -> tuple[Path, object, object]:
+            root = tmp / f"project-{run}"
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(pristine, root)
+            cfg = load_config(root / "stack.toml")
+            return root, cfg, load_settings(cfg, work_dir=root / "work")
+
+        # warm the mirror once (a fetch is not what we measure)
+        _, cfg0, settings0 = fresh(0)
+        report = rb.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
+        mirror = rb.sources.sync(settings0, cfg0.sources["vllm"]).git_dir
+        found = {b.name: b.commit.sha for b in report.patches if b.commit}
+        expected = {names[k]: shas[i] for k, i in breaks.items()}
+        assert found == expected, (found, expected)
+        assert report.newest_clean and report.newest_clean.sha == shas[min(breaks.values()) - 1]
+        assert all(b.probes <= report.bound for b in report.patches)
+
+        def ours_bisect() -> None:
+            rb.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
+
+        def hand_bisect() -> None:
+            wt = tmp / "bisect-wt"
+            git("worktree", "add", "-q", "--detach", str(wt), ref, cwd=up)
+            try:
+                files = [str(pristine / "patches" / "xpu" / n) for n in names]
+                for target in [files[k] for k in sorted(breaks)] + [None]:
+                    git("bisect", "start", ref, pin, cwd=wt)
+                    check = ["git", "apply", "--check", target] if target else ["git", "apply", "--check", *files]
+                    git("bisect", "run", *check, cwd=wt)
+                    git("bisect", "reset", cwd=wt)
+            finally:
+                git("worktree", "remove", "--force", str(wt), cwd=up)
+
+        def ours_rebase(run: int) -> float:
+            root, cfg, settings = fresh(run)
+            out: list = []
+            t = timed(lambda: out.append(rb.rebase_stack(settings, cfg, "lab", "vllm", onto=ref)))
+            assert out[0].status == "finished", out[0].to_json()
+            assert f'commit = "{ref}"' in (root / "stack.toml").read_text()
+            return t
+
+        def hand_rebase(run: int) -> float:
+            _, cfg, settings = fresh(run)
+            plan = rb.make_plan(settings, cfg, "lab", "vllm", ref)
+            wt = tmp / f"rebase-wt-{run}"
+            git("worktree", "add", "-q", "-B", f"hand-{run}", str(wt), plan.items[-1].old_commit, cwd=mirror)
+            try:
+                return timed(lambda: git("rebase", "-q", "--onto", ref, pin, cwd=wt))
+            finally:
+                git("worktree", "remove", "--force", str(wt), cwd=mirror)
+
+        results = {
+            "commits": args.commits, "patches": args.patches, "runs": args.runs,
+            "bisect_probes": report.probes, "bisect_bound_per_patch": report.bound,
+            "bisect_ours_s": statistics.median(timed(ours_bisect) for _ in range(args.runs)),
+            "bisect_by_hand_s": statistics.median(timed(hand_bisect) for _ in range(args.runs)),
+            "rebase_ours_s": statistics.median(ours_rebase(r + 1) for r in range(args.runs)),
+            "rebase_by_hand_s": statistics.median(hand_rebase(r + 1) for r in range(args.runs)),
+        }
+        results["bisect_speedup"] = results["bisect_by_hand_s"] / results["bisect_ours_s"]
+        results["rebase_speedup"] = results["rebase_by_hand_s"] / results["rebase_ours_s"]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"history: {args.commits} commits, series: {args.patches} patches, median of {args.runs}")
+    print(f"bisect  stackbuild {results['bisect_ours_s']:.2f} s ({report.probes} probes)   "
+          f"git bisect run by hand {results['bisect_by_hand_s']:.2f} s   x{results['bisect_speedup']:.1f}")
+    print(f"rebase  stackbuild {results['rebase_ours_s']:.2f} s (with export)   "
+          f"git rebase by hand {results['rebase_by_hand_s']:.2f} s   x{results['rebase_speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
