@@ -38,8 +38,8 @@ _CANON_CONFIG = (
     "i18n.logOutputEncoding=UTF-8", "color.ui=false",
 )
 _FORMAT_ARGS = (
-    "format-patch", "--stdout", "-1", "--zero-commit", "--full-index", "--no-signature", "--no-stat",
-    "--no-numbered", "--find-renames", "--no-color", "--no-ext-diff", "--no-textconv", "--binary",
+    "format-patch", "--stdout", "--zero-commit", "--full-index", "--no-signature", "--no-stat",
+    "--no-numbered", "--always", "--find-renames", "--no-color", "--no-ext-diff", "--no-textconv", "--binary",
     "--unified=3", f"-O{os.devnull}", "--no-notes", "--no-attach", "--no-thread", "--encode-email-headers",
 )
 
@@ -50,6 +50,14 @@ _FORMAT_ARGS = (
 
 def canonical_patch(git_dir: Path, commit: str, *, directory: str = "", strip: int = 1) -> bytes:
     """The patch of one commit, in canonical form, trailer removed."""
+    return canonical_range(git_dir, f"{commit}^", commit, directory=directory, strip=strip)[0]
+
+
+MAIL_START = re.compile(rb"^From 0{40} Mon Sep 17 00:00:00 2001\n", re.M)
+
+
+def canonical_range(git_dir: Path, base: str, head: str, *, directory: str = "", strip: int = 1) -> list[bytes]:
+    """The patches of base..head (a linear history), oldest first, from one git process."""
     if strip not in (0, 1):
         raise ExportError(f"cannot export a series with strip={strip}", hint="use strip 0 or 1 for exported series")
     cfg: list[str] = []
@@ -60,8 +68,12 @@ def canonical_patch(git_dir: Path, commit: str, *, directory: str = "", strip: i
         args.append("--no-prefix")
     if directory:
         args.append(f"--relative={directory}")
-    raw = git([*cfg, *args, commit], git_dir=git_dir, error=ExportError).stdout
-    return strip_trailer(raw)
+    raw = git([*cfg, *args, f"{base}..{head}"], git_dir=git_dir, error=ExportError).stdout
+    starts = [m.start() for m in MAIL_START.finditer(raw)] + [len(raw)]
+    # Mails in one stream are separated by an empty line (a diff line is never empty).
+    mails = [raw[a:b] for a, b in zip(starts, starts[1:])]
+    mails = [m[:-1] if i < len(mails) - 1 and m.endswith(b"\n\n") else m for i, m in enumerate(mails)]
+    return [strip_trailer(m) for m in mails]
 
 
 def strip_trailer(mail: bytes) -> bytes:
@@ -285,6 +297,17 @@ def plan_export(
         last_series = ser
         assigned[ser].append((name, sha))
 
+    commits = [sha for ser in order for _, sha in assigned[ser]]
+    fresh_by: dict[tuple[str, int], dict[str, bytes]] = {}
+    for spec in series:
+        key = (spec.directory, spec.strip)
+        if key not in fresh_by and commits:
+            mails = canonical_range(git_dir, base, head, directory=spec.directory, strip=spec.strip)
+            if len(mails) != len(commits):
+                raise ExportError(f"{base[:12]}..{head[:12]} is not a linear history of {len(commits)} commits",
+                                  where=str(git_dir), hint="export needs one commit per patch: no merge commits")
+            fresh_by[key] = dict(zip(commits, mails))
+
     writes: dict[Path, bytes | None] = {}
     changes: list[FileChange] = []
     series_changed: list[str] = []
@@ -296,8 +319,8 @@ def plan_export(
             enc = encoding_of(name)
             target_name = plain_name(name) if (decode_all and enc) else name
             target_enc = "" if target_name != name else enc
-            fresh = canonical_patch(git_dir, sha, directory=spec.directory, strip=spec.strip)
-            if not fresh.strip():
+            fresh = fresh_by[(spec.directory, spec.strip)][sha]
+            if not re.search(rb"^diff --git ", fresh, re.M):
                 continue  # an empty commit carries no change: nothing to export
             names.append(target_name)
             old = current.get((spec.name, name))

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 from . import apply, sources
 from .config import Config, ResolvedStack, Source
 from .errors import ExportError, RebaseError
-from .export import ExportResult, SeriesSpec, apply_export, canonical_patch, check_failure, plan_export
+from .export import ExportResult, SeriesSpec, apply_export, canonical_range, check_failure, plan_export
 from .fsutil import atomic_write, locked
 from .git import EMAIL, EPOCH, IDENTITY, git, out
 from .patches import Patch, parse_patch
@@ -38,6 +38,7 @@ STATE_VERSION = 1
 # The engine's committer: a commit made by a merge or a resolution looks like one made by apply.
 FIXED_IDENTITY = {"GIT_COMMITTER_NAME": IDENTITY, "GIT_COMMITTER_EMAIL": EMAIL, "GIT_COMMITTER_DATE": EPOCH}
 OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
+BATCH = 8  # in-memory commits per fast-import: few processes, and a crash repeats at most this many
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,10 +217,22 @@ def commit_info(git_dir: Path, sha: str) -> Upstream:
     return Upstream(sha_, subject, author, date)
 
 
-def patch_for(git_dir: Path, item: Item) -> Patch:
-    """The old commit as a mail patch: the engine commits it with the same message, author and date."""
-    data = canonical_patch(git_dir, item.old_commit)
-    return parse_patch(data, series=item.series, name=item.name, where=f"{item.series}/{item.name}@{item.old_commit[:12]}")
+def replay_patches(git_dir: Path, old_pin: str, items: Sequence[Item]) -> list[Patch]:
+    """The old commits as mail patches (one git process): the engine commits each with the same
+    message, author and date, so a replayed commit equals what `apply` makes of its export."""
+    if not items:
+        return []
+    mails = canonical_range(git_dir, old_pin, items[-1].old_commit)
+    if len(mails) != len(items):
+        raise RebaseError(f"the old series commits are not one linear chain on {old_pin[:12]}", where=str(git_dir),
+                          hint="re-run the rebase from the start (--abort, then rebase again)")
+    return [parse_patch(m, series=it.series, name=it.name, where=f"{it.series}/{it.name}@{it.old_commit[:12]}")
+            for it, m in zip(items, mails)]
+
+
+def _numbers(patch: Patch) -> tuple[tuple[str, ...], int, int]:
+    return (tuple(dict.fromkeys(f.path for f in patch.files)), sum(f.added for f in patch.files),
+            sum(f.removed for f in patch.files))
 
 
 def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ...], int, int]:
@@ -244,9 +257,23 @@ def first_parent_range(git_dir: Path, old: str, new: str) -> list[str]:
 
 def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, ...]:
     """Which patches apply as they are (clean or at an offset) at `commit`, each on the ones
-    before it that did: the engine's in-memory replay, which moves no ref."""
-    result = apply.replay(git_dir, commit, patches, stop_at_failure=False)
-    return tuple(r.outcome in (apply.CLEAN, apply.OFFSET) for r in result.results)
+    before it that did. The engine's own hunk matcher on its in-memory tree: nothing is written
+    (no fast-import, no three-way attempt), which is what makes a probe cheap enough to bisect.
+    Shapes the matcher leaves to git (binary, copies) go through the engine's full step."""
+    engine = apply.Engine(git_dir, commit)
+    try:
+        verdicts = []
+        for patch in patches:
+            if any(f.needs_git for f in patch.files):
+                verdicts.append(engine.step(patch, track=False).outcome in (apply.CLEAN, apply.OFFSET))
+                continue
+            writes, failed, _offset, _fuzz = engine._try(patch, patch.files, 0, False)  # noqa: SLF001
+            if not failed:
+                engine._record(patch, writes)  # noqa: SLF001 - queued only; a probe never flushes
+            verdicts.append(not failed)
+        return tuple(verdicts)
+    finally:
+        engine.close()
 
 
 @dataclass(frozen=True)
@@ -386,8 +413,7 @@ def _prepare_worktree(plan: Plan, before: Mapping) -> None:
         git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=plan.worktree)
 
 
-def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False,
-          on_step: Callable[[State], None] | None = None) -> Report:
+def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False) -> Report:
     with _locked(plan.state_dir, plan.source):
         if _state_path(plan.state_dir, plan.source).exists():
             raise RebaseError(f"a rebase of '{plan.source}' is already in progress",
@@ -406,10 +432,10 @@ def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refres
         )
         save_state(plan.state_dir, state)
         _prepare_worktree(plan, before)
-        return _run(plan.state_dir, state, on_step)
+        return _run(plan.state_dir, state)
 
 
-def resume(state_dir: Path, source: str, action: str, on_step: Callable[[State], None] | None = None) -> Report:
+def resume(state_dir: Path, source: str, action: str) -> Report:
     """action: continue | skip | abort."""
     with _locked(state_dir, source):
         state = load_state(state_dir, source)
@@ -427,7 +453,7 @@ def resume(state_dir: Path, source: str, action: str, on_step: Callable[[State],
         elif state.phase == "stopped":
             state = _continue_stopped(state)
             save_state(state_dir, state)
-        return _run(state_dir, state, on_step)
+        return _run(state_dir, state)
 
 
 def _continue_stopped(state: State) -> State:
@@ -463,26 +489,15 @@ def _continue_stopped(state: State) -> State:
                    results=state.results[:-1] + (result,))
 
 
-def _run(state_dir: Path, state: State, on_step: Callable[[State], None] | None) -> Report:
+def _run(state_dir: Path, state: State) -> Report:
     if state.phase == "stopped":
         return _report(state, "stopped")
     if state.phase == "replaying":
         # A crash mid-step left the worktree anywhere: the state's head is the truth.
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        memory = _Memory(Path(state.git_dir))
-        try:
-            while state.next < len(state.items):
-                result, head = _step(state, state.items[state.next], memory)
-                if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
-                    state = replace(state, phase="stopped", stop=result.outcome, results=state.results + (result,))
-                    save_state(state_dir, state)
-                    return _report(state, "stopped")
-                state = replace(state, next=state.next + 1, head=head, results=state.results + (result,))
-                save_state(state_dir, state)
-                if on_step:
-                    on_step(state)
-        finally:
-            memory.close()
+        state = _replay(state_dir, state)
+        if state.phase == "stopped":
+            return _report(state, "stopped")
         _git_wt(state, "reset", "--hard", "-q", state.head)
         state = replace(state, phase="exporting")
         save_state(state_dir, state)
@@ -493,38 +508,71 @@ def _run(state_dir: Path, state: State, on_step: Callable[[State], None] | None)
     return report
 
 
-class _Memory:
-    """One engine kept across in-memory steps, so the tree is listed once, not once per patch."""
-
-    def __init__(self, git_dir: Path):
-        self.git_dir = git_dir
-        self.engine: apply.Engine | None = None
-
-    def at(self, head: str) -> apply.Engine:
-        if self.engine is None or self.engine.head != head or self.engine.pending:
-            self.close()
-            self.engine = apply.Engine(self.git_dir, head)
-        return self.engine
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-
-
-def _step(state: State, item: Item, memory: _Memory) -> tuple[Result, str]:
-    """unchanged/moved/upstream (and git's own blob-based three-way) in memory; else cherry-pick."""
+def _replay(state_dir: Path, state: State) -> State:
+    """Patches that apply in memory are batched into one fast-import; the state is saved at each
+    flush, so a crash only repeats the unflushed part (same inputs, same commits)."""
     git_dir = Path(state.git_dir)
-    engine = memory.at(state.head)
-    verdict = engine.step(patch_for(git_dir, item), track=False)
-    if verdict.outcome == apply.ALREADY:
-        return _upstream_result(state, item), state.head
-    if verdict.ok and verdict.outcome in (apply.CLEAN, apply.OFFSET, apply.THREEWAY):
-        commit = engine.flush()[-1]
-        files, add, rem = diff_numbers(git_dir, state.head, commit)
-        word = {apply.CLEAN: "unchanged", apply.OFFSET: "moved", apply.THREEWAY: "merged"}[verdict.outcome]
-        return Result(item.series, item.name, word, commit, False, files, add, rem), commit
-    memory.close()  # the worktree takes over; a fresh engine starts from the next head
+    patches = replay_patches(git_dir, state.old_pin, state.items)
+    batch: list[tuple[Result, Patch | None]] = []
+    engine: apply.Engine | None = None
+
+    def settle(state: State) -> State:
+        if not batch:
+            return state
+        assert engine is not None
+        engine.flush()
+        head, done = state.head, []
+        for result, patch in batch:
+            if patch is not None:
+                head = engine.commits[id(patch)]
+                result = replace(result, commit=head)
+            done.append(result)
+        state = replace(state, next=state.next + len(batch), head=head, results=state.results + tuple(done))
+        batch.clear()
+        save_state(state_dir, state)
+        return state
+
+    def stop(state: State, result: Result) -> State:
+        state = replace(state, phase="stopped", stop=result.outcome, results=state.results + (result,))
+        save_state(state_dir, state)
+        return state
+
+    try:
+        while state.next + len(batch) < len(state.items):
+            k = state.next + len(batch)
+            item, patch = state.items[k], patches[k]
+            if engine is None:
+                engine = apply.Engine(git_dir, state.head)
+            verdict = engine.step(patch, track=False)
+            if verdict.outcome == apply.ALREADY:
+                result = _upstream_result(state, k, patches)
+                if not state.options["drop_merged"]:
+                    return stop(settle(state), result)
+                batch.append((result, None))
+                continue
+            if verdict.ok and verdict.outcome in (apply.CLEAN, apply.OFFSET, apply.THREEWAY):
+                word = {apply.CLEAN: "unchanged", apply.OFFSET: "moved", apply.THREEWAY: "merged"}[verdict.outcome]
+                batch.append((Result(item.series, item.name, word, None, False, *_numbers(patch)), patch))
+                if len(batch) >= BATCH:
+                    state = settle(state)  # the engine goes on from the flushed head
+                continue
+            state = settle(state)
+            engine.close()
+            engine = None  # the worktree takes over; a fresh engine starts from the next head
+            result, head = _pick(state, k, patches)
+            if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
+                return stop(state, result)
+            state = replace(state, next=k + 1, head=head, results=state.results + (result,))
+            save_state(state_dir, state)
+        return settle(state)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _pick(state: State, k: int, patches: Sequence[Patch]) -> tuple[Result, str]:
+    """A real three-way merge in the worktree: base = the old commit's parent, renames followed."""
+    git_dir, item = Path(state.git_dir), state.items[k]
     _git_wt(state, "reset", "--hard", "-q", state.head)
     pick = _git_wt(state, "cherry-pick", "--no-rerere-autoupdate", item.old_commit, env=FIXED_IDENTITY, check=False)
     if pick.returncode == 0:
@@ -535,18 +583,17 @@ def _step(state: State, item: Item, memory: _Memory) -> tuple[Result, str]:
     if not conflicted:
         # The merge came out empty: upstream already has the change, in another shape.
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        return _upstream_result(state, item), state.head
-    files, add, rem = diff_numbers(git_dir, f"{item.old_commit}^", item.old_commit)
+        return _upstream_result(state, k, patches), state.head
+    files, add, rem = _numbers(patches[k])
     touched = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
-    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(state, item), conflicted,
-                   touched), state.head)
+    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(state, k, patches),
+                   conflicted, touched), state.head)
 
 
-def _upstream_result(state: State, item: Item) -> Result:
-    git_dir = Path(state.git_dir)
-    files, add, rem = diff_numbers(git_dir, f"{item.old_commit}^", item.old_commit)
-    return Result(item.series, item.name, "upstream", None, bool(state.options["drop_merged"]), files, add, rem,
-                  _breaking(state, item))
+def _upstream_result(state: State, k: int, patches: Sequence[Patch]) -> Result:
+    item = state.items[k]
+    return Result(item.series, item.name, "upstream", None, bool(state.options["drop_merged"]), *_numbers(patches[k]),
+                  breaking=_breaking(state, k, patches))
 
 
 def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: int = 20) -> tuple[Upstream, ...]:
@@ -558,13 +605,12 @@ def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: in
     return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
 
 
-def _breaking(state: State, item: Item) -> Upstream | None:
-    """The first commit after the old pin at which this patch (on the ones before it) stops applying."""
-    git_dir = Path(state.git_dir)
-    k = state.items.index(item)
-    report = bisect(git_dir, state.old_pin, state.onto, [patch_for(git_dir, it) for it in state.items[: k + 1]])
-    last = [b for b in report.patches if (b.series, b.name) == (item.series, item.name)]
-    return last[0].commit if last else None
+def _breaking(state: State, k: int, patches: Sequence[Patch]) -> Upstream | None:
+    """The first commit after the old pin at which patch k (on the ones before it) stops applying."""
+    report = bisect(Path(state.git_dir), state.old_pin, state.onto, patches[: k + 1])
+    item = state.items[k]
+    found = [b for b in report.patches if (b.series, b.name) == (item.series, item.name)]
+    return found[0].commit if found else None
 
 
 def _export(state: State):

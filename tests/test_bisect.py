@@ -29,7 +29,7 @@ def history(tmp_path, n: int, events: dict[int, dict[str, str]]):
         shas.append(up.commit(f"upstream {i}", files))
     p.refresh_mirror()
     items = replay_old(p.mirror, p.pin, [(p.series, n_, d) for n_, d in p.entries])
-    return p, shas, [rb.patch_for(p.mirror, it) for it in items], body
+    return p, shas, rb.replay_patches(p.mirror, p.pin, items), body
 
 
 def test_finds_breaking_commit_per_patch_and_newest_clean(tmp_path):
