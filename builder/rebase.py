@@ -238,7 +238,7 @@ def _numbers(patch: Patch) -> tuple[tuple[str, ...], int, int]:
 def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ...], int, int]:
     files: list[str] = []
     add = rem = 0
-    for line in out(["diff-tree", "-r", "--numstat", "-M", parent, commit], git_dir=git_dir).splitlines():
+    for line in out(["diff-tree", "-r", "--numstat", "-M", parent, commit], git_dir=git_dir, error=RebaseError).splitlines():
         a, r, path = line.split("\t", 2)
         files.append(path)
         add += int(a) if a != "-" else 0
@@ -361,7 +361,7 @@ def bisect(git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch], sou
 
 
 def _git_wt(state: State, *args: str, check: bool = True, env: Mapping[str, str] | None = None):
-    return git([*args], cwd=Path(state.worktree), env=env, check=check)
+    return git(list(args), cwd=Path(state.worktree), env=env, check=check, error=RebaseError)
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -392,25 +392,25 @@ def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _worktree_before(plan: Plan) -> dict:
     branch_ref = f"refs/heads/{plan.branch}"
-    branch = git(["rev-parse", "--verify", "-q", branch_ref], git_dir=plan.git_dir, check=False)
+    branch = git(["rev-parse", "--verify", "-q", branch_ref], git_dir=plan.git_dir, check=False, error=RebaseError)
     before: dict = {"branch_head": branch.stdout.decode().strip() or None, "exists": False}
     if (plan.worktree / ".git").exists():
-        status = out(["status", "--porcelain", "--untracked-files=no"], cwd=plan.worktree)
+        status = out(["status", "--porcelain", "--untracked-files=no"], cwd=plan.worktree, error=RebaseError)
         if status:
             raise RebaseError(f"worktree has uncommitted changes: {status.splitlines()[0]} …", where=str(plan.worktree),
                               hint="commit or discard them (`git -C WORKTREE stash`) before rebasing")
-        head_ref = git(["symbolic-ref", "-q", "HEAD"], cwd=plan.worktree, check=False).stdout.decode().strip()
-        before.update(exists=True, head=out(["rev-parse", "HEAD"], cwd=plan.worktree), head_ref=head_ref or None)
+        head_ref = git(["symbolic-ref", "-q", "HEAD"], cwd=plan.worktree, check=False, error=RebaseError).stdout.decode().strip()
+        before.update(exists=True, head=out(["rev-parse", "HEAD"], cwd=plan.worktree, error=RebaseError), head_ref=head_ref or None)
     return before
 
 
 def _prepare_worktree(plan: Plan, before: Mapping) -> None:
     if not before["exists"]:
         plan.worktree.parent.mkdir(parents=True, exist_ok=True)
-        git(["worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto], git_dir=plan.git_dir)
+        git(["worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto], git_dir=plan.git_dir, error=RebaseError)
     else:
-        git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=plan.worktree)
-        git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=plan.worktree)
+        git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=plan.worktree, error=RebaseError)
+        git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=plan.worktree, error=RebaseError)
 
 
 def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False) -> Report:
@@ -461,28 +461,28 @@ def _continue_stopped(state: State) -> State:
     if state.stop == "upstream":
         raise RebaseError(f"{stopped.series}/{stopped.name} is already upstream and cannot be replayed",
                           hint="`stackbuild rebase --skip` drops it, `--abort` undoes the rebase")
-    unmerged = out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree))
+    unmerged = out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree), error=RebaseError)
     if unmerged:
         raise RebaseError(f"unresolved conflicts in {', '.join(unmerged.split())}", where=state.worktree,
                           hint="edit the files, `git add` them, then `stackbuild rebase --continue`")
-    if git(["diff", "--quiet"], cwd=Path(state.worktree), check=False).returncode:
+    if git(["diff", "--quiet"], cwd=Path(state.worktree), check=False, error=RebaseError).returncode:
         raise RebaseError("the worktree has changes that are not staged", where=state.worktree,
                           hint="`git add` the resolution (or `git checkout -- FILE` to drop it), then --continue")
     item = state.items[state.next]
-    head = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
+    head = out(["rev-parse", "HEAD"], cwd=Path(state.worktree), error=RebaseError)
     if head != state.head:
         # The user committed the resolution themselves: accept it if it sits right on our head.
-        if out(["rev-parse", f"{head}^"], cwd=Path(state.worktree)) != state.head:
+        if out(["rev-parse", f"{head}^"], cwd=Path(state.worktree), error=RebaseError) != state.head:
             raise RebaseError("HEAD moved away from the replay", where=state.worktree,
                               hint=f"reset it: git reset --hard {state.head[:12]}, or --abort")
         commit = head
-    elif git(["diff", "--cached", "--quiet", "HEAD"], cwd=Path(state.worktree), check=False).returncode == 0:
+    elif git(["diff", "--cached", "--quiet", "HEAD"], cwd=Path(state.worktree), check=False, error=RebaseError).returncode == 0:
         _git_wt(state, "reset", "--hard", "-q", state.head)
         result = replace(stopped, dropped=True)
         return replace(state, phase="replaying", next=state.next + 1, stop="", results=state.results[:-1] + (result,))
     else:
         _git_wt(state, "commit", "-q", "--no-verify", "--allow-empty-message", "-C", item.old_commit, env=FIXED_IDENTITY)
-        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
+        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree), error=RebaseError)
     files, add, rem = diff_numbers(Path(state.git_dir), state.head, commit)
     result = replace(stopped, commit=commit, files=files, insertions=add, deletions=rem)
     return replace(state, phase="replaying", next=state.next + 1, head=commit, stop="",
@@ -576,10 +576,10 @@ def _pick(state: State, k: int, patches: Sequence[Patch]) -> tuple[Result, str]:
     _git_wt(state, "reset", "--hard", "-q", state.head)
     pick = _git_wt(state, "cherry-pick", "--no-rerere-autoupdate", item.old_commit, env=FIXED_IDENTITY, check=False)
     if pick.returncode == 0:
-        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree))
+        commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree), error=RebaseError)
         files, add, rem = diff_numbers(git_dir, state.head, commit)
         return Result(item.series, item.name, "merged", commit, False, files, add, rem), commit
-    conflicted = tuple(out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree)).split())
+    conflicted = tuple(out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree), error=RebaseError).split())
     if not conflicted:
         # The merge came out empty: upstream already has the change, in another shape.
         _git_wt(state, "reset", "--hard", "-q", state.head)
@@ -601,7 +601,7 @@ def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: in
     if not paths:
         return ()
     text = out(["log", f"--max-count={limit}", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", f"{old}..{new}", "--", *paths],
-               git_dir=git_dir)
+               git_dir=git_dir, error=RebaseError)
     return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
 
 
@@ -653,20 +653,20 @@ def _restore_worktree(state: State) -> None:
     before, git_dir, wt = state.before, Path(state.git_dir), Path(state.worktree)
     branch_ref = f"refs/heads/{state.branch}"
     if not before["exists"] and wt.exists():
-        git(["worktree", "remove", "--force", str(wt)], git_dir=git_dir, check=False)
+        git(["worktree", "remove", "--force", str(wt)], git_dir=git_dir, check=False, error=RebaseError)
         shutil.rmtree(wt, ignore_errors=True)
-        git(["worktree", "prune"], git_dir=git_dir)
+        git(["worktree", "prune"], git_dir=git_dir, error=RebaseError)
     if before["branch_head"]:
-        git(["update-ref", branch_ref, str(before["branch_head"])], git_dir=git_dir)
+        git(["update-ref", branch_ref, str(before["branch_head"], error=RebaseError)], git_dir=git_dir)
     else:
-        git(["update-ref", "-d", branch_ref], git_dir=git_dir, check=False)
+        git(["update-ref", "-d", branch_ref], git_dir=git_dir, check=False, error=RebaseError)
     if before["exists"]:
         if before.get("head_ref"):
-            git(["symbolic-ref", "HEAD", str(before["head_ref"])], cwd=wt)
+            git(["symbolic-ref", "HEAD", str(before["head_ref"], error=RebaseError)], cwd=wt)
         else:
-            git(["update-ref", "--no-deref", "HEAD", str(before["head"])], cwd=wt)
+            git(["update-ref", "--no-deref", "HEAD", str(before["head"], error=RebaseError)], cwd=wt)
         # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
-        git(["reset", "--hard", "-q", str(before["head"])], cwd=wt)
+        git(["reset", "--hard", "-q", str(before["head"], error=RebaseError)], cwd=wt)
 
 
 def _cleanup(state_dir: Path, source: str) -> None:
@@ -818,7 +818,7 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
         patches = loaded.get(src.name, ())
         worktree = settings.work_dir / stack / src.name
         if (worktree / ".git").exists():
-            head = out(["rev-parse", "HEAD"], cwd=worktree)
+            head = out(["rev-parse", "HEAD"], cwd=worktree, error=ExportError)
             if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
                 raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
                                   hint="re-apply the stack, or finish the rebase that moved it")
