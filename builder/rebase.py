@@ -657,16 +657,16 @@ def _restore_worktree(state: State) -> None:
         shutil.rmtree(wt, ignore_errors=True)
         git(["worktree", "prune"], git_dir=git_dir, error=RebaseError)
     if before["branch_head"]:
-        git(["update-ref", branch_ref, str(before["branch_head"], error=RebaseError)], git_dir=git_dir)
+        git(["update-ref", branch_ref, str(before["branch_head"])], git_dir=git_dir, error=RebaseError)
     else:
         git(["update-ref", "-d", branch_ref], git_dir=git_dir, check=False, error=RebaseError)
     if before["exists"]:
         if before.get("head_ref"):
-            git(["symbolic-ref", "HEAD", str(before["head_ref"], error=RebaseError)], cwd=wt)
+            git(["symbolic-ref", "HEAD", str(before["head_ref"])], cwd=wt, error=RebaseError)
         else:
-            git(["update-ref", "--no-deref", "HEAD", str(before["head"], error=RebaseError)], cwd=wt)
+            git(["update-ref", "--no-deref", "HEAD", str(before["head"])], cwd=wt, error=RebaseError)
         # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
-        git(["reset", "--hard", "-q", str(before["head"], error=RebaseError)], cwd=wt)
+        git(["reset", "--hard", "-q", str(before["head"])], cwd=wt, error=RebaseError)
 
 
 def _cleanup(state_dir: Path, source: str) -> None:
