@@ -775,32 +775,31 @@ def _inspect_worktree(wt: Path, branch: str, recorded: str | None, force: bool) 
 
 
 def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
+    """A worktree is a clone sharing the mirror's objects, so several work dirs can hold one stack."""
     if current is None:
-        git(["worktree", "prune"], git_dir=git_dir)
-        old_branch = git(["rev-parse", "-q", "--verify", f"refs/heads/{branch}"], git_dir=git_dir, check=False)
-        git(["branch", "-f", branch, new], git_dir=git_dir, error=ApplyError)
         try:
             wt.parent.mkdir(parents=True, exist_ok=True)
-            git(["worktree", "add", "-q", str(wt), branch], git_dir=git_dir, error=ApplyError,
+            git(["clone", "-q", "--shared", "--no-checkout", str(git_dir), str(wt)], error=ApplyError,
                 hint="check disk space and permissions of the work directory")
+            _wt_git(wt, ["config", "core.hooksPath", "/dev/null"])
+            _wt_git(wt, ["checkout", "-q", "-B", branch, new])
         except BaseException:
             shutil.rmtree(wt, ignore_errors=True)
-            git(["worktree", "prune"], git_dir=git_dir, check=False)
-            if old_branch.returncode == 0:
-                git(["update-ref", f"refs/heads/{branch}", old_branch.stdout.decode().strip()], git_dir=git_dir, check=False)
-            else:
-                git(["update-ref", "-d", f"refs/heads/{branch}"], git_dir=git_dir, check=False)
             raise
-        return "created"
-    if current == new and not force:
+        action = "created"
+    elif current == new and not force:
         return "unchanged"
-    if force:
+    elif force:
         _wt_git(wt, ["checkout", "-q", "-f", "-B", branch, new])
+        action = "updated"
     else:
         _wt_git(wt, ["read-tree", "-m", "-u", current, new],
                 hint="an untracked file in the worktree is in the way; move it and re-run")
         _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
-    return "updated"
+        action = "updated"
+    # The worktree borrows the mirror's objects: a ref there keeps `git gc` from pruning them.
+    git(["update-ref", f"refs/stackbuild/applied/{branch}/{wt.name}", new], git_dir=git_dir, check=False)
+    return action
 
 
 def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: int = 0, force: bool = False,

@@ -259,11 +259,13 @@ class _Parser:
             text = raw.decode("utf-8", "surrogateescape")
         if text == NULL:
             return None
-        parts = [p for p in text.split("/") if p != ""]
+        # As git counts them: a leading '/' ends an empty first component, runs of '/' are one.
+        first, *rest = text.split("/")
+        parts = [first, *(p for p in rest if p)]
         if len(parts) <= self.strip:
             raise self.error(f"path '{text}' has fewer than {self.strip + 1} components for -p{self.strip}", line,
                              hint="set the series' strip level (strip = N or '-pN' in the series file)")
-        parts = parts[self.strip:]
+        parts = [p for p in parts[self.strip:] if p]
         if text.startswith("/") and self.strip == 0:
             raise self.error(f"absolute path '{text}' in patch", line, hint="patches must name paths inside the tree")
         if any(p in ("..", ".") for p in parts) or any(p == ".git" for p in parts):
