@@ -303,3 +303,39 @@ def test_dirty_worktree_is_never_overwritten(project, upstream: Upstream):
     assert (root / "work/demo/up/a.txt").read_text() == "my unsaved work\n"
     run(root, "apply", "demo", "--force", ok=True)
     assert (root / "work/demo/up/a.txt").read_text() == body(l5="FIVE")
+
+
+def test_two_patches_sharing_hunks_merge_three_way(tmp_path: Path, upstream: Upstream):
+    """The lab's shape: the CPU-KV prototype carries the promoted bundle's hunks in scheduler.py.
+
+    On top of the bundle a plain apply of the prototype fails on that file; the three-way merge
+    with the blobs named in its index lines succeeds, and the other files apply as they are.
+    """
+    sched = "".join(f"    step {i}\n" for i in range(1, 61))
+    pin = upstream.commit({"vllm/v1/core/sched/scheduler.py": sched, "vllm/worker.py": "w\n" * 20}, "base")
+    shared = {"vllm/v1/core/sched/scheduler.py": sched.replace("    step 20\n", "    step 20  # promoted\n")}
+    bundle = upstream.format_patch({**shared, "vllm/other.py": "bundle\n"}, "promoted bundle")
+    prototype = upstream.format_patch({**shared, "vllm/worker.py": "w\n" * 19 + "cpu kv\n"}, "cpu-kv prototype")
+    root = tmp_path / "lab"
+    write_project(root, f"""
+[sources.vllm]
+url = "{upstream.path}"
+commit = "{pin}"
+[series.promoted-vllm]
+source = "vllm"
+[series.cpu-kv]
+source = "vllm"
+[stacks.baseline]
+series = ["promoted-vllm"]
+[stacks.cpu-kv]
+extends = "baseline"
+series = ["cpu-kv"]
+""", {"patches/promoted-vllm/series": "bundle.patch\n", "patches/promoted-vllm/bundle.patch": bundle,
+      "patches/cpu-kv/series": "proto.patch\n", "patches/cpu-kv/proto.patch": prototype})
+    code, out, _ = run(root, "--json", "check", "cpu-kv", "--format", "json")
+    assert code == 0, out
+    assert outcomes(json.loads(out)[0]) == ["clean", "3way"]
+    run(root, "apply", "cpu-kv", ok=True)
+    wt = root / "work/cpu-kv/vllm"
+    assert (wt / "vllm/v1/core/sched/scheduler.py").read_text() == shared["vllm/v1/core/sched/scheduler.py"]
+    assert (wt / "vllm/worker.py").read_text().endswith("cpu kv\n")
