@@ -351,3 +351,15 @@ def test_new_file_under_a_file_or_over_a_folder_conflicts(project, upstream: Ups
     assert code == 6 and outcomes(report) == ["conflict", "conflict"]
     reasons = [p["failed"][0]["reason"] for p in report["sources"][0]["patches"]]
     assert reasons == ["'b.txt' is a file", "file already exists"]
+
+
+def test_check_at_a_branch_fetches_it(project, upstream: Upstream):
+    root = project({"one.patch": upstream.diff({"a.txt": body(l5="five")})})
+    run(root, "sources", "sync", ok=True)
+    newer = upstream.commit({"a.txt": "top\n" + LINES}, "upstream moves on main")
+    code, report = check_json(root, "--at", "origin/main")
+    assert code == 0 and outcomes(report) == ["offset"] and report["sources"][0]["base"] == newer
+    code, report = check_json(root, "--at", f"up={project.pin}")
+    assert code == 0 and outcomes(report) == ["clean"]
+    code, out, _ = run(root, "--json", "check", "--at", "origin/no-such-branch")
+    assert code == 5 and "cannot fetch 'origin/no-such-branch'" in json.loads(out)["message"]
