@@ -11,6 +11,7 @@ very end, with interrupts held, so a failure leaves the previous state as it was
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,9 @@ from .errors import ApplyError, PatchError
 from .fsutil import atomic_write, deferred_interrupts, locked
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
 from .patches import FileDiff, Hunk, Patch, split_lf
-from .series import load_stack_patches
+from .series import load_series, load_stack_patches
 from .settings import Settings
-from .sources import fetch_ref, sync
+from .sources import Synced, fetch_ref, sync
 
 CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT = "clean", "offset", "fuzz", "3way", "already-applied", "conflict"
 OUTCOMES = (CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT)
@@ -288,20 +289,17 @@ def author_line(patch: Patch) -> str:
 class Engine:
     """One replay of patches over one base commit in one repository."""
 
-    def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False):
+    def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False,
+                 paths: Iterable[str] = ()):
         self.git_dir = git_dir
         self.base = out(["rev-parse", f"{base}^{{commit}}"], git_dir=git_dir, error=ApplyError)
         self.head = self.base
         self.fuzz = fuzz
         self.cat = CatFile(git_dir)
         self.entries: dict[str, _Entry] = {}
-        listing = git(["ls-tree", "-r", "-z", "--full-tree", self.base], git_dir=git_dir).stdout
-        for item in listing.split(b"\0"):
-            if item:
-                meta, path = item.split(b"\t", 1)
-                mode, _kind, sha = meta.split()
-                self.entries[path.decode("utf-8", "surrogateescape")] = _Entry(mode.decode(), sha.decode())
-        self.dirs = {p.rsplit("/", 1)[0] for p in self.entries if "/" in p}
+        self.entries: dict[str, _Entry] = {}
+        self.dirs: set[str] = set()
+        self._list(paths)
         self.files: dict[str, _FileState] = {}
         self.pending: list[_PendingCommit] = []
         self.commits: dict[int, str] = {}  # id(patch) -> its commit, once written
@@ -309,6 +307,31 @@ class Engine:
 
     def close(self) -> None:
         self.cat.close()
+
+    def _list(self, paths: Iterable[str]) -> None:
+        """Modes and blobs of just the paths the patches name, and of every folder above them.
+
+        Listing a vLLM-size tree whole costs more than applying 200 patches; a listing by
+        pathspec also tells which prefixes are folders and which are symlinks.
+        """
+        specs: set[str] = set()
+        for path in paths:
+            parts = path.split("/")
+            specs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        ordered = sorted(specs)
+        for start in range(0, len(ordered), 1000):
+            chunk = ordered[start:start + 1000]
+            listing = git(["--literal-pathspecs", "ls-tree", "-z", "--full-tree", self.base, "--", *chunk],
+                          git_dir=self.git_dir).stdout
+            for item in listing.split(b"\0"):
+                if item:
+                    meta, raw = item.split(b"\t", 1)
+                    mode, _kind, sha = meta.split()
+                    path = raw.decode("utf-8", "surrogateescape")
+                    if mode == b"040000":
+                        self.dirs.add(path)
+                    else:
+                        self.entries[path] = _Entry(mode.decode(), sha.decode())
 
     # -- reading the current tree
 
@@ -359,6 +382,12 @@ class Engine:
                 if self._state(str(diff.new_path), writes) is not None or diff.new_path in self.dirs:
                     failed.append(FailedHunk(str(diff.new_path), 0, "", diff.line, "file already exists"))
                     continue
+                parts = str(diff.new_path).split("/")
+                blocking = next((q for q in ("/".join(parts[:i]) for i in range(1, len(parts)))
+                                 if self._state(q, writes) is not None), None)
+                if blocking:
+                    failed.append(FailedHunk(str(diff.new_path), 0, "", diff.line, f"'{blocking}' is a file"))
+                    continue
                 old = _FileState(diff.new_mode or "100644", [], [])
             elif diff.rename and diff.new_path and self._state(diff.new_path, writes) is not None:
                 failed.append(FailedHunk(diff.new_path, 0, "", diff.line, "rename target already exists"))
@@ -395,6 +424,7 @@ class Engine:
                 entry = _Entry(state.mode, None, b"".join(state.lines))
                 self.entries[path] = entry
                 changes[path] = entry
+                self._add_dirs(path)
         self._queue(patch, changes)
 
     def _queue(self, patch: Patch, changes: dict[str, _Entry | None]) -> None:
@@ -479,11 +509,17 @@ class Engine:
                 self.entries.pop(path, None)
             else:
                 self.entries[path] = entry
+                self._add_dirs(path)
         self._queue(patch, changes)
+
+    def _add_dirs(self, path: str) -> None:
+        parts = path.split("/")
+        self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
     # -- the public step
 
-    def step(self, patch: Patch, *, track: bool = True) -> PatchResult:
+    def step(self, patch: Patch, *, fuzz: int | None = None, track: bool = True) -> PatchResult:
+        allowed = self.fuzz if fuzz is None else fuzz
         files = tuple(dict.fromkeys(f.path for f in patch.files))
         if any(f.needs_git for f in patch.files):
             ok, changes, message = self._via_git(patch, threeway=False)
@@ -509,24 +545,24 @@ class Engine:
             if ok:
                 self._record_git(patch, changes)
                 return PatchResult(patch, THREEWAY, True, files=files, detail="applied by three-way merge")
-        fwrites, ffailed, _, used = self._try(patch, patch.files, DEFAULT_FUZZ if not self.fuzz else self.fuzz, False)
+        fwrites, ffailed, _, used = self._try(patch, patch.files, max(DEFAULT_FUZZ, allowed), False)
         if not ffailed:
-            allowed = self.fuzz >= used
-            if allowed:
+            accepted = allowed >= used
+            if accepted:
                 self._record(patch, fwrites)
-            return PatchResult(patch, FUZZ, allowed, files=files, failed=() if allowed else tuple(failed),
-                               detail=f"applies only with fuzz {used}" + ("" if allowed else " (refused)"))
+            return PatchResult(patch, FUZZ, accepted, files=files, failed=() if accepted else tuple(failed),
+                               detail=f"applies only with fuzz {used}" + ("" if accepted else " (refused)"))
         return PatchResult(patch, CONFLICT, False, files=files, failed=tuple(failed))
 
 
 def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0, stop_at_failure: bool = True,
-           overlaps: bool = False) -> Replay:
+           overlaps: bool = False, fuzz_for: Callable[[Patch], int] | None = None) -> Replay:
     """Apply PATCHES over BASE as commits, in memory; only objects are written, no ref moves."""
-    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps)
+    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps, paths={p for patch in patches for p in patch.paths})
     try:
         results: list[PatchResult] = []
         for patch in patches:
-            result = engine.step(patch)
+            result = engine.step(patch, fuzz=max(fuzz, fuzz_for(patch)) if fuzz_for else None)
             results.append(result)
             if not result.ok and stop_at_failure:
                 break
@@ -548,3 +584,333 @@ def _merge_overlaps(found: list[Overlap]) -> list[Overlap]:
         else:
             merged.append(o)
     return merged
+
+
+# --------------------------------------------------------------------------- stacks
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A stack's inputs, loaded and verified before anything is written."""
+
+    stack: ResolvedStack
+    patches: dict[str, tuple[Patch, ...]]
+    synced: dict[str, Synced]
+    fuzz: dict[str, int]
+
+    def digest(self, source: str) -> str:
+        """Names the applied result of one source: its pin and the exact patches, in order."""
+        parts = [ENGINE_VERSION, self.synced[source].commit]
+        for p in self.patches[source]:
+            parts.append(f"{p.label}\0{p.strip}\0{p.directory}\0{p.sha256}\0{self.fuzz.get(p.series, 0)}")
+        return sha256_text("\n".join(parts))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False) -> Prepared:
+    stack = config.stack(name)
+    patches = load_stack_patches(settings, config, stack)
+    synced = {s.name: sync(settings, s, progress=progress) for s in stack.sources}
+    return Prepared(stack, patches, synced, {s.name: s.fuzz for s in stack.series})
+
+
+@dataclass(frozen=True)
+class AppliedSource:
+    source: Source
+    git_dir: Path
+    base: str
+    commit: str
+    patches: tuple[Patch, ...]
+    replay: Replay
+
+
+def _replay_source(prep: Prepared, source: str, base: str | None = None, *, allow_fuzz: int = 0,
+                   stop_at_failure: bool = True, overlaps: bool = False) -> Replay:
+    synced = prep.synced[source]
+    return replay(synced.git_dir, base or synced.commit, prep.patches[source], fuzz=allow_fuzz,
+                  stop_at_failure=stop_at_failure, overlaps=overlaps,
+                  fuzz_for=lambda p: prep.fuzz.get(p.series, 0))
+
+
+def materialize(settings: Settings, config: Config, name: str, *, progress: bool = False) -> dict[str, AppliedSource]:
+    """Every source of the stack with its patches applied as commits; no worktree, no ref moved."""
+    prep = prepare(settings, config, name, progress=progress)
+    out_: dict[str, AppliedSource] = {}
+    for src in prep.stack.sources:
+        result = _replay_source(prep, src.name)
+        failure = result.first_failure
+        if failure is not None:
+            raise _failure_error(name, src.name, failure)
+        synced = prep.synced[src.name]
+        out_[src.name] = AppliedSource(src, synced.git_dir, synced.commit, result.head, prep.patches[src.name], result)
+    return out_
+
+
+def _failure_error(stack: str, source: str, failure: PatchResult) -> ApplyError:
+    where = str(failure.patch.path or failure.patch.url or failure.patch.label)
+    if failure.outcome == FUZZ:
+        return ApplyError(f"{failure.patch.label} applies to '{source}' only with reduced context ({failure.detail})",
+                          where=where, hint=f"refresh the patch (stackbuild rebase {stack} then export), or allow it: "
+                                            f"fuzz = N in [series.{failure.patch.series}] or --allow-fuzz")
+    hunks = ", ".join(f"{f.path} hunk #{f.hunk} ({f.reason})" if f.hunk else f"{f.path} ({f.reason})"
+                      for f in failure.failed[:6]) or failure.detail or "three-way merge left conflicts"
+    return ApplyError(f"{failure.patch.label} does not apply to '{source}': {hunks}", where=where,
+                      hint=f"fix the patch against the pin (the worktree holds the patches before it), or run "
+                           f"'stackbuild rebase {stack} --source {source} --onto <ref>'")
+
+
+# ---- check
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    source: str
+    base: str
+    at: str | None
+    replay: Replay
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "base": self.base, "at": self.at, "head": self.replay.head,
+                "ok": self.replay.ok, "patches": [r.to_json() for r in self.replay.results],
+                "overlaps": [o.to_json() for o in self.replay.overlaps]}
+
+
+@dataclass(frozen=True)
+class StackCheck:
+    stack: str
+    sources: tuple[SourceCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.replay.ok for s in self.sources)
+
+    def to_json(self) -> dict:
+        return {"stack": self.stack, "ok": self.ok, "sources": [s.to_json() for s in self.sources]}
+
+
+def parse_at(values: Sequence[str]) -> dict[str | None, str]:
+    """`--at REF` applies to every git source; `--at SOURCE=REF` to one."""
+    at: dict[str | None, str] = {}
+    for value in values:
+        source, sep, ref = value.partition("=")
+        if sep and "/" not in source and ":" not in source:
+            at[source] = ref
+        else:
+            at[None] = value
+    return at
+
+
+def check_stacks(settings: Settings, config: Config, names: Sequence[str], *, at: Sequence[str] = (),
+                 allow_fuzz: int = 0, progress: bool = False) -> tuple[StackCheck, ...]:
+    """Verdicts for every patch of every stack against the pins (or AT), without any checkout."""
+    refs = parse_at(at)
+    for key in refs:
+        if key is not None and key not in config.sources:
+            raise ApplyError(f"--at names unknown source '{key}'", where="--at",
+                             hint=f"sources: {', '.join(config.sources)}")
+    reports = []
+    for name in names or sorted(config.stacks):
+        prep = prepare(settings, config, name, progress=progress)
+        checks = []
+        for src in prep.stack.sources:
+            ref = refs.get(src.name) or (refs.get(None) if src.kind == "git" else None)
+            synced = prep.synced[src.name]
+            base = fetch_ref(settings, src, synced.git_dir, ref, progress=progress) if ref else synced.commit
+            result = _replay_source(prep, src.name, base, allow_fuzz=allow_fuzz, stop_at_failure=False, overlaps=True)
+            checks.append(SourceCheck(src.name, base, ref, result))
+        reports.append(StackCheck(name, tuple(checks)))
+    return tuple(reports)
+
+
+# ---- apply into worktrees
+
+
+STATE_FILE = "stackbuild-state.json"
+
+
+def stack_dir(settings: Settings, stack: str) -> Path:
+    return settings.work_dir / stack
+
+
+def branch_of(stack: str) -> str:
+    return f"stackbuild/{stack}"
+
+
+def read_state(settings: Settings, stack: str) -> dict:
+    path = stack_dir(settings, stack) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"stack": stack, "sources": {}}
+    except (OSError, ValueError) as exc:
+        raise ApplyError(f"unreadable state file: {exc}", where=str(path),
+                         hint="delete the file; the next apply rebuilds it from the worktrees") from None
+
+
+@dataclass(frozen=True)
+class SourceApply:
+    source: str
+    worktree: Path
+    base: str
+    head: str
+    replay: Replay | None  # None when the worktree was already up to date
+    action: str  # "created", "updated", "unchanged"
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "worktree": str(self.worktree), "base": self.base, "head": self.head,
+                "action": self.action, "ok": self.replay.ok if self.replay else True,
+                "patches": [r.to_json() for r in self.replay.results] if self.replay else []}
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    stack: str
+    sources: tuple[SourceApply, ...]
+    error: ApplyError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        return {"stack": self.stack, "ok": self.ok, "sources": [s.to_json() for s in self.sources],
+                "error": self.error.to_json() if self.error else None}
+
+
+def _wt_git(wt: Path, args: Sequence[str], **kw) -> subprocess.CompletedProcess:
+    return git(args, cwd=wt, error=ApplyError, where=str(wt), **kw)
+
+
+def _inspect_worktree(wt: Path, branch: str, recorded: str | None, force: bool) -> str | None:
+    """The worktree's current head, after making sure moving it loses nothing of the user's."""
+    if not (wt / ".git").exists():
+        if wt.exists() and any(wt.iterdir()):
+            raise ApplyError("the worktree folder exists but is not a git worktree", where=str(wt),
+                             hint="move it away; stackbuild will not overwrite files it did not create")
+        return None
+    head_ref = _wt_git(wt, ["symbolic-ref", "-q", "HEAD"], check=False).stdout.decode().strip()
+    head = _wt_git(wt, ["rev-parse", "HEAD"]).stdout.decode().strip()
+    if force:
+        return head
+    if head_ref != f"refs/heads/{branch}":
+        raise ApplyError(f"the worktree is on '{head_ref or 'a detached HEAD'}', not {branch}", where=str(wt),
+                         hint=f"git -C {wt} checkout {branch}, or re-run with --force to reset it")
+    dirty = _wt_git(wt, ["status", "--porcelain", "--untracked-files=no"]).stdout.decode().strip()
+    if dirty:
+        raise ApplyError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)", where=str(wt),
+                         hint="commit and export them (stackbuild export), stash them, or re-run with --force to discard them")
+    if recorded and head != recorded:
+        raise ApplyError("the worktree has commits that are not in the series", where=str(wt),
+                         hint="export them first (stackbuild export), or re-run with --force to discard them")
+    return head
+
+
+def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
+    """A worktree is a clone sharing the mirror's objects, so several work dirs can hold one stack."""
+    if current is None:
+        try:
+            wt.parent.mkdir(parents=True, exist_ok=True)
+            git(["clone", "-q", "--shared", "--no-checkout", str(git_dir), str(wt)], error=ApplyError,
+                hint="check disk space and permissions of the work directory")
+            _wt_git(wt, ["config", "core.hooksPath", "/dev/null"])
+            _wt_git(wt, ["checkout", "-q", "-B", branch, new])
+        except BaseException:
+            shutil.rmtree(wt, ignore_errors=True)
+            raise
+        action = "created"
+    elif current == new and not force:
+        return "unchanged"
+    elif force:
+        _wt_git(wt, ["checkout", "-q", "-f", "-B", branch, new])
+        action = "updated"
+    else:
+        _wt_git(wt, ["read-tree", "-m", "-u", current, new],
+                hint="an untracked file in the worktree is in the way; move it and re-run")
+        _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
+        action = "updated"
+    # The worktree borrows the mirror's objects: a ref there keeps `git gc` from pruning them.
+    git(["update-ref", f"refs/stackbuild/applied/{branch}/{wt.name}", new], git_dir=git_dir, check=False)
+    return action
+
+
+def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: int = 0, force: bool = False,
+                progress: bool = False) -> ApplyReport:
+    """Worktrees at work/<stack>/<source> on branch stackbuild/<stack>, one commit per patch.
+
+    Everything is computed first (patches read and verified, sources synced, commits written as
+    objects); the worktrees and branches move last, with Ctrl-C held, so a failure or an
+    interrupt leaves every worktree as it was. A patch that does not apply stops its source at
+    the last good commit.
+    """
+    root = stack_dir(settings, name)
+    with locked(root / ".lock", f"the work directory of stack '{name}'"):
+        prep = prepare(settings, config, name, progress=progress)
+        state = read_state(settings, name)
+        branch = branch_of(name)
+        plans = []
+        for src in prep.stack.sources:
+            wt = root / src.name
+            recorded = state["sources"].get(src.name, {})
+            current = _inspect_worktree(wt, branch, recorded.get("head"), force)
+            digest = prep.digest(src.name)
+            if current is not None and current == recorded.get("head") and recorded.get("digest") == digest and not force:
+                plans.append((src, wt, current, None, digest))
+                continue
+            result = _replay_source(prep, src.name, allow_fuzz=allow_fuzz)
+            plans.append((src, wt, current, result, digest))
+        reports = []
+        error = None
+        with deferred_interrupts():
+            for src, wt, current, result, digest in plans:
+                synced = prep.synced[src.name]
+                head = current if result is None else result.head
+                action = "unchanged" if result is None else _move_worktree(synced.git_dir, wt, branch, current, head, force)
+                complete = result is None or result.ok
+                state["sources"][src.name] = {
+                    "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,
+                    "digest": digest if complete else None,
+                    "patches": [{"patch": p.label, "sha256": p.sha256} for p in prep.patches[src.name]],
+                }
+                reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action))
+                if result is not None and error is None and result.first_failure is not None:
+                    error = _failure_error(name, src.name, result.first_failure)
+            atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
+        return ApplyReport(name, tuple(reports), error)
+
+
+# ---- status
+
+
+def status(settings: Settings, config: Config, names: Sequence[str]) -> list[dict]:
+    """What is applied where, and what is stale: patch files changed since the worktree was made."""
+    rows = []
+    for name in names or sorted(config.stacks):
+        stack = config.stack(name)
+        state = read_state(settings, name)
+        current: dict[str, dict[str, str]] = {}
+        for s in stack.series:
+            for p in load_series(settings, s):
+                current.setdefault(s.source, {})[p.label] = p.sha256
+        for src in stack.sources:
+            wt = stack_dir(settings, name) / src.name
+            rec = state["sources"].get(src.name)
+            row = {"stack": name, "source": src.name, "worktree": str(wt), "applied": bool(rec and (wt / ".git").exists())}
+            if row["applied"]:
+                recorded = {p["patch"]: p["sha256"] for p in rec["patches"]}
+                now = current.get(src.name, {})
+                changed = sorted(k for k in now if recorded.get(k) not in (None, now[k]))
+                added = sorted(k for k in now if k not in recorded)
+                removed = sorted(k for k in recorded if k not in now)
+                head = _wt_git(wt, ["rev-parse", "HEAD"]).stdout.decode().strip()
+                dirty = bool(_wt_git(wt, ["status", "--porcelain", "--untracked-files=no"]).stdout.strip())
+                row.update({
+                    "head": head, "pin": src.pin, "base": rec["base"], "complete": rec.get("digest") is not None,
+                    "stale": bool(changed or added or removed) or rec["base"] != (src.commit or rec["base"]),
+                    "changed": changed, "added": added, "removed": removed,
+                    "moved": head != rec["head"], "dirty": dirty,
+                })
+            rows.append(row)
+    return rows
