@@ -101,7 +101,8 @@ class State:
     stack: str
     source: str
     phase: str  # replaying | stopped | exporting
-    git_dir: str
+    git_dir: str  # where commits are made: the worktree's repository
+    mirror: str
     worktree: str
     branch: str
     old_pin: str
@@ -260,7 +261,7 @@ def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, .
     before it that did. The engine's own hunk matcher on its in-memory tree: nothing is written
     (no fast-import, no three-way attempt), which is what makes a probe cheap enough to bisect.
     Shapes the matcher leaves to git (binary, copies) go through the engine's full step."""
-    engine = apply.Engine(git_dir, commit)
+    engine = apply.Engine(git_dir, commit, paths={p for patch in patches for p in patch.paths})
     try:
         verdicts = []
         for patch in patches:
@@ -369,48 +370,50 @@ def _rel(root: Path, path: Path) -> str:
 
 
 def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Byte copies of stack.toml and every file in the series' folders, complete before use."""
+    """Byte copies of stack.toml, every file in the series' folders and apply's record of the
+    worktree, complete (renamed into place) before anything changes."""
     files = [plan.stack_file]
-    dirs = []
+    record = plan.state_dir.parent / apply.STATE_FILE
+    if record.is_file():
+        files.append(record)
     for spec in plan.series:
-        dirs.append(_rel(plan.root, spec.patch_dir))
         if spec.patch_dir.is_dir():
             files += [p for p in sorted(spec.patch_dir.rglob("*")) if p.is_file()]
     final = _backup_dir(plan.state_dir, plan.source)
     shutil.rmtree(final, ignore_errors=True)  # left by a start that died before saving its state
     tmp = Path(tempfile.mkdtemp(dir=plan.state_dir, prefix=f".{plan.source}.backup."))
-    rels = []
-    for f in files:
-        rel = _rel(plan.root, f)
-        dest = tmp / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest)
-        rels.append(rel)
+    for number, f in enumerate(files):
+        shutil.copy2(f, tmp / f"{number:05d}")
     os.replace(tmp, final)
-    return tuple(rels), tuple(dirs)
+    return tuple(str(f) for f in files), tuple(str(spec.patch_dir) for spec in plan.series)
 
 
 def _worktree_before(plan: Plan) -> dict:
-    branch_ref = f"refs/heads/{plan.branch}"
-    branch = git(["rev-parse", "--verify", "-q", branch_ref], git_dir=plan.git_dir, check=False, error=RebaseError)
-    before: dict = {"branch_head": branch.stdout.decode().strip() or None, "exists": False}
+    before: dict = {"exists": False}
     if (plan.worktree / ".git").exists():
         status = out(["status", "--porcelain", "--untracked-files=no"], cwd=plan.worktree, error=RebaseError)
         if status:
             raise RebaseError(f"worktree has uncommitted changes: {status.splitlines()[0]} …", where=str(plan.worktree),
                               hint="commit or discard them (`git -C WORKTREE stash`) before rebasing")
-        head_ref = git(["symbolic-ref", "-q", "HEAD"], cwd=plan.worktree, check=False, error=RebaseError).stdout.decode().strip()
-        before.update(exists=True, head=out(["rev-parse", "HEAD"], cwd=plan.worktree, error=RebaseError), head_ref=head_ref or None)
+        head_ref = git(["symbolic-ref", "-q", "HEAD"], cwd=plan.worktree, check=False).stdout.decode().strip()
+        branch = git(["rev-parse", "--verify", "-q", f"refs/heads/{plan.branch}"], cwd=plan.worktree, check=False)
+        before.update(exists=True, head=out(["rev-parse", "HEAD"], cwd=plan.worktree, error=RebaseError),
+                      head_ref=head_ref or None, branch_head=branch.stdout.decode().strip() or None)
+    elif plan.worktree.exists() and any(plan.worktree.iterdir()):
+        raise RebaseError("the worktree folder exists but is not a git worktree", where=str(plan.worktree),
+                          hint="move it away; stackbuild will not overwrite files it did not create")
     return before
 
 
 def _prepare_worktree(plan: Plan, before: Mapping) -> None:
+    """The worktree apply makes: a clone sharing the mirror's objects, on the stack's branch."""
+    wt = plan.worktree
     if not before["exists"]:
-        plan.worktree.parent.mkdir(parents=True, exist_ok=True)
-        git(["worktree", "add", "--no-checkout", "-f", "-B", plan.branch, str(plan.worktree), plan.onto], git_dir=plan.git_dir, error=RebaseError)
-    else:
-        git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=plan.worktree, error=RebaseError)
-        git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=plan.worktree, error=RebaseError)
+        wt.parent.mkdir(parents=True, exist_ok=True)
+        git(["clone", "-q", "--shared", "--no-checkout", str(plan.git_dir), str(wt)], error=RebaseError)
+        git(["config", "core.hooksPath", os.devnull], cwd=wt, error=RebaseError)
+    git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=wt, error=RebaseError)
+    git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=wt, error=RebaseError)
 
 
 def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False) -> Report:
@@ -422,7 +425,9 @@ def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refres
         before = _worktree_before(plan)
         backups, dirs = _take_backups(plan)
         state = State(
-            stack=plan.stack, source=plan.source, phase="replaying", git_dir=str(plan.git_dir),
+            # Commits are made in the worktree's own repository, which sees the mirror's objects.
+            stack=plan.stack, source=plan.source, phase="replaying", git_dir=str(plan.worktree / ".git"),
+            mirror=str(plan.git_dir),
             worktree=str(plan.worktree), branch=plan.branch, old_pin=plan.old_pin, onto=plan.onto,
             root=str(plan.root), stack_file=str(plan.stack_file), items=plan.items, series=plan.series,
             current={f"{s}/{n}": base64.b64encode(b).decode() for (s, n), b in plan.current.items()},
@@ -502,6 +507,7 @@ def _run(state_dir: Path, state: State) -> Report:
         state = replace(state, phase="exporting")
         save_state(state_dir, state)
     export = _export(state)
+    _record_for_apply(state_dir, state)
     report = _report(state, "finished", export=export.to_json())
     _write_report(state_dir, report)
     _cleanup(state_dir, state.source)
@@ -513,6 +519,7 @@ def _replay(state_dir: Path, state: State) -> State:
     flush, so a crash only repeats the unflushed part (same inputs, same commits)."""
     git_dir = Path(state.git_dir)
     patches = replay_patches(git_dir, state.old_pin, state.items)
+    paths = {p for patch in patches for p in patch.paths}
     batch: list[tuple[Result, Patch | None]] = []
     engine: apply.Engine | None = None
 
@@ -542,7 +549,7 @@ def _replay(state_dir: Path, state: State) -> State:
             k = state.next + len(batch)
             item, patch = state.items[k], patches[k]
             if engine is None:
-                engine = apply.Engine(git_dir, state.head)
+                engine = apply.Engine(git_dir, state.head, paths=paths)
             verdict = engine.step(patch, track=False)
             if verdict.outcome == apply.ALREADY:
                 result = _upstream_result(state, k, patches)
@@ -629,20 +636,28 @@ def _export(state: State):
     return result
 
 
+def _record_for_apply(state_dir: Path, state: State) -> None:
+    """Tell apply the worktree now holds the rebased series, so it moves it without --force.
+    No digest: the next apply replays the exported files, and lands on these very commits."""
+    path = state_dir.parent / apply.STATE_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {"stack": state.stack, "sources": {}}
+    record["sources"][state.source] = {"git_dir": state.mirror, "base": state.onto, "head": state.head, "digest": None,
+                                       "patches": []}
+    atomic_write(path, json.dumps(record, indent=2).encode())
+
+
 def _abort(state_dir: Path, state: State) -> Report:
-    root = Path(state.root)
     backup = _backup_dir(state_dir, state.source)
     kept = set(state.backups)
     for folder in state.backup_dirs:
-        d = root / folder
-        if d.is_dir():
-            for p in d.rglob("*"):
-                if p.is_file() and _rel(root, p) not in kept:
+        if Path(folder).is_dir():
+            for p in Path(folder).rglob("*"):
+                if p.is_file() and str(p) not in kept:
                     p.unlink()
-    for rel in state.backups:
-        dest = root / rel
-        if not dest.is_file() or dest.read_bytes() != (backup / rel).read_bytes():
-            atomic_write(dest, (backup / rel).read_bytes())
+    for number, name in enumerate(state.backups):
+        dest, saved = Path(name), (backup / f"{number:05d}").read_bytes()
+        if not dest.is_file() or dest.read_bytes() != saved:
+            atomic_write(dest, saved)
     _restore_worktree(state)
     report = _report(state, "aborted")
     _cleanup(state_dir, state.source)
@@ -650,23 +665,21 @@ def _abort(state_dir: Path, state: State) -> Report:
 
 
 def _restore_worktree(state: State) -> None:
-    before, git_dir, wt = state.before, Path(state.git_dir), Path(state.worktree)
-    branch_ref = f"refs/heads/{state.branch}"
-    if not before["exists"] and wt.exists():
-        git(["worktree", "remove", "--force", str(wt)], git_dir=git_dir, check=False, error=RebaseError)
+    before, wt = state.before, Path(state.worktree)
+    if not before["exists"]:
         shutil.rmtree(wt, ignore_errors=True)
-        git(["worktree", "prune"], git_dir=git_dir, error=RebaseError)
+        return
+    branch_ref = f"refs/heads/{state.branch}"
     if before["branch_head"]:
-        git(["update-ref", branch_ref, str(before["branch_head"])], git_dir=git_dir, error=RebaseError)
+        git(["update-ref", branch_ref, str(before["branch_head"])], cwd=wt, error=RebaseError)
     else:
-        git(["update-ref", "-d", branch_ref], git_dir=git_dir, check=False, error=RebaseError)
-    if before["exists"]:
-        if before.get("head_ref"):
-            git(["symbolic-ref", "HEAD", str(before["head_ref"])], cwd=wt, error=RebaseError)
-        else:
-            git(["update-ref", "--no-deref", "HEAD", str(before["head"])], cwd=wt, error=RebaseError)
-        # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
-        git(["reset", "--hard", "-q", str(before["head"])], cwd=wt, error=RebaseError)
+        git(["update-ref", "-d", branch_ref], cwd=wt, check=False)
+    if before.get("head_ref"):
+        git(["symbolic-ref", "HEAD", str(before["head_ref"])], cwd=wt, error=RebaseError)
+    else:
+        git(["update-ref", "--no-deref", "HEAD", str(before["head"])], cwd=wt, error=RebaseError)
+    # reset also drops a half-done cherry-pick (CHERRY_PICK_HEAD) and its conflict markers
+    git(["reset", "--hard", "-q", str(before["head"])], cwd=wt, error=RebaseError)
 
 
 def _cleanup(state_dir: Path, source: str) -> None:
@@ -743,9 +756,13 @@ def _specs(resolved: ResolvedStack, source: str, patches: Sequence[Patch]) -> tu
         for s in resolved.series_for(source))
 
 
-def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch]) -> tuple[Item, ...]:
-    replay = apply.replay(mirror, pin, patches)
-    bad = [r for r in replay.results if r.outcome == "conflict" or not r.commit]
+def _fuzz(resolved: ResolvedStack, patch: Patch) -> int:
+    return next((s.fuzz for s in resolved.series if s.name == patch.series), 0)
+
+
+def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch], resolved: ResolvedStack) -> tuple[Item, ...]:
+    replay = apply.replay(mirror, pin, patches, fuzz_for=lambda p: _fuzz(resolved, p))
+    bad = [r for r in replay.results if not r.ok or not r.commit]
     if bad:
         raise RebaseError(f"{bad[0].patch.series}/{bad[0].patch.name} does not apply at the current pin ({bad[0].outcome})",
                           hint="fix the series at its own pin first (`stackbuild check`), then rebase")
@@ -760,7 +777,7 @@ def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, o
     return Plan(
         stack=stack, source=src.name, git_dir=mirror, worktree=settings.work_dir / stack / src.name,
         branch=f"stackbuild/{stack}", old_pin=str(src.commit), onto=sources.fetch_ref(settings, src, mirror, onto),
-        items=_old_commits(mirror, str(src.commit), patches), root=cfg.root, stack_file=cfg.path,
+        items=_old_commits(mirror, str(src.commit), patches, resolved), root=cfg.root, stack_file=cfg.path,
         series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
         state_dir=state_dir_for(settings.work_dir, stack),
     )
@@ -814,18 +831,19 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
         if state.exists():
             raise ExportError(f"a rebase of '{src.name}' is in progress", where=str(state),
                               hint="finish it (`stackbuild rebase --continue`) or `--abort` it first")
-        mirror = sources.sync(settings, src).git_dir
+        repo = sources.sync(settings, src).git_dir
         patches = loaded.get(src.name, ())
         worktree = settings.work_dir / stack / src.name
         if (worktree / ".git").exists():
+            repo = worktree / ".git"  # commits made there (by hand, or a resolution) live only there
             head = out(["rev-parse", "HEAD"], cwd=worktree, error=ExportError)
             if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
                 raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
                                   hint="re-apply the stack, or finish the rebase that moved it")
         else:
-            head = apply.replay(mirror, str(src.commit), patches).head
+            head = apply.replay(repo, str(src.commit), patches, fuzz_for=lambda p: _fuzz(resolved, p)).head
         results.append(plan_export(
-            git_dir=mirror, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
+            git_dir=repo, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
             series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
             decode_all=decode, refresh_context=refresh_context))
     if check:

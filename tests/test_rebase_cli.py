@@ -61,6 +61,11 @@ def test_rebase_conflict_continue_then_export_check(tmp_path):
 
     code, data, err = cli(p, tmp_path, "export", "lab", "--check")
     assert code == 0, err
+    # apply, from the exported files at the new pin, lands on the very commits the rebase made
+    head = run("rev-parse", "HEAD", cwd=wt)
+    code, applied, err = cli(p, tmp_path, "apply", "lab")
+    assert code == 0, err
+    assert run("rev-parse", "HEAD", cwd=wt) == head
     code, data, err = cli(p, tmp_path, "export", "lab")
     assert code == 0 and all(c["action"] in ("unchanged", "kept") for c in data[0]["patches"])
 

@@ -38,7 +38,9 @@ def start_and_kill(plan, tmp_path) -> None:
     plan_file = tmp_path / "plan.pickle"
     plan_file.write_bytes(pickle.dumps(plan))
     code = "import pickle,sys; from builder import rebase; rebase.start(pickle.load(open(sys.argv[1],'rb')))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(plan_file)])
+    # Its own process group, killed whole: what a closed terminal or `kill -9 -PGID` does, so no
+    # orphaned git child writes on after the "crash".
+    proc = subprocess.Popen([sys.executable, "-c", code, str(plan_file)], start_new_session=True)
     state = plan.state_dir / "vllm.json"
     deadline = time.monotonic() + 60
     try:
@@ -48,7 +50,7 @@ def start_and_kill(plan, tmp_path) -> None:
                     break
             assert proc.poll() is None, "the rebase ended before it could be killed"
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     progress = json.loads(state.read_text())
