@@ -223,10 +223,6 @@ class ExportResult:
     series_files_changed: tuple[str, ...] = ()
     writes: Mapping[Path, bytes | None] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def dirty(self) -> bool:
-        return bool(self.writes)
-
     def to_json(self) -> dict:
         return {
             "source": self.source,

@@ -365,10 +365,6 @@ def _git_wt(state: State, *args: str, check: bool = True, env: Mapping[str, str]
     return git(list(args), cwd=Path(state.worktree), env=env, check=check, error=RebaseError)
 
 
-def _rel(root: Path, path: Path) -> str:
-    return os.path.relpath(path, root)
-
-
 def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Byte copies of stack.toml, every file in the series' folders and apply's record of the
     worktree, complete (renamed into place) before anything changes."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 
 from builder import rebase as rb
 from gitfixtures_rebase import lines, new_project, replay_old, run

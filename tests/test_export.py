@@ -37,7 +37,7 @@ def test_round_trip_is_byte_for_byte_and_writes_nothing(tmp_path):
     before = p.snapshot()
     result = plan(p, items[-1].old_commit)
     assert [c.action for c in result.changes] == ["unchanged", "unchanged"]
-    assert not result.dirty and ex.check_failure([result]) is None
+    assert not result.writes and ex.check_failure([result]) is None
     ex.apply_export(result)
     assert p.snapshot() == before
 

@@ -102,3 +102,16 @@ def test_unknown_ref_is_a_clear_error(tmp_path):
     assert code != 0 and "no-such-branch" in err and data["hint"]
     assert not (tmp_path / "work" / "lab" / ".rebase" / "vllm.json").exists()
 
+
+
+def test_human_output_names_the_outcomes_and_the_culprit(tmp_path):
+    p, _ = project(tmp_path)
+    base = ["--stack", str(p.stack_file), "--work-dir", str(tmp_path / "work")]
+    runner = CliRunner(mix_stderr=False)
+    shown = runner.invoke(main, [*base, "bisect", "lab", "--onto", "v2"], terminal_width=200)
+    assert shown.exit_code == 0 and "rework e" in shown.stdout and "up to" in shown.stdout
+    stopped = runner.invoke(main, [*base, "rebase", "lab", "--onto", "v2"], terminal_width=200)
+    assert stopped.exit_code == 8
+    assert "moved" in stopped.stdout and "conflicts in e.txt" in stopped.stdout and "rework e" in stopped.stdout
+    aborted = runner.invoke(main, [*base, "rebase", "--abort"])
+    assert aborted.exit_code == 0 and "aborted" in aborted.stdout

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from builder import rebase as rb
 from gitfixtures_rebase import lines, new_project, run

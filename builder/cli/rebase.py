@@ -10,6 +10,7 @@ import click
 from .. import rebase as rb
 from ..errors import ConfigError, RebaseError
 from ..fsutil import atomic_write
+from ..report import console, patch_table, simple_table
 from . import Context, emit, json_option, main, pass_ctx, run
 
 
@@ -54,11 +55,14 @@ def _config_if_any(ctx: Context):
 
 
 def _render_rebase(report: rb.Report) -> None:
-    click.echo(f"rebase {report.source} ({report.stack}): {report.old_pin[:12]} -> {report.onto[:12]}")
+    rows = []
     for r in report.results:
-        extra = " (dropped)" if r.dropped else ""
-        brk = f"  broken by {r.breaking.sha[:12]} {r.breaking.subject}" if r.breaking else ""
-        click.echo(f"  {r.outcome:<9} {r.series}/{r.name}{extra}  {len(r.files)} files +{r.insertions}/-{r.deletions}{brk}")
+        detail = [f"+{r.insertions}/-{r.deletions}"] + (["dropped"] if r.dropped else [])
+        if r.breaking:
+            detail.append(f"broken by {r.breaking.sha[:12]} {r.breaking.subject}")
+        rows.append({"patch": f"{r.series}/{r.name}", "outcome": r.outcome, "files": r.files, "detail": ", ".join(detail)})
+    console.print(patch_table(f"rebase {report.source} ({report.stack}): {report.old_pin[:12]} -> {report.onto[:12]}",
+                              rows))
     s = report.stopped_at
     if report.status == "stopped" and s:
         if s.outcome == "upstream":
@@ -123,12 +127,10 @@ def bisect_cmd(ctx: Context, stack: str, source: str | None, onto: str) -> None:
 
 
 def _render_bisect(r: rb.BisectReport) -> None:
-    click.echo(f"{r.source}: {r.commits} commits {r.old_pin[:12]}..{r.onto[:12]}, {r.probes} probes")
-    for b in r.patches:
-        if b.commit:
-            click.echo(f"  {b.series}/{b.name}: stops applying at {b.commit.sha[:12]} {b.commit.date[:10]} {b.commit.subject}")
-        else:
-            click.echo(f"  {b.series}/{b.name}: {b.note}")
+    rows = [(f"{b.series}/{b.name}", b.commit.sha[:12] if b.commit else "", b.commit.date[:10] if b.commit else "",
+             b.commit.subject if b.commit else b.note) for b in r.patches]
+    console.print(simple_table(f"{r.source}: {r.commits} commits {r.old_pin[:12]}..{r.onto[:12]}, {r.probes} probes",
+                               ["patch", "stops applying at", "date", "subject"], rows))
     if r.newest_clean:
         click.echo(f"whole series applies as is up to {r.newest_clean.sha[:12]} {r.newest_clean.date[:10]} "
                    f"{r.newest_clean.subject}")
