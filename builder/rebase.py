@@ -15,6 +15,7 @@ worktree back exactly as they were.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -333,20 +334,31 @@ def search(line: Sequence[str], ok: Callable[[str], bool]) -> tuple[int, int]:
     return hi, probes
 
 
+class History:
+    """The first-parent line old_pin..onto with a shared prober: every search over it reuses the
+    probes of the others (a probe's verdict for patch k depends only on patches 0..k)."""
+
+    def __init__(self, git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch]):
+        self.git_dir = git_dir
+        self.line = [old_pin] + first_parent_range(git_dir, old_pin, onto)
+        self.prober = Prober(git_dir, patches)
+
+    def boundary(self, k: int) -> Boundary | None:
+        """Where patch k stops applying as is; None when it still applies at the end of the line."""
+        p, line, prober = self.prober.patches[k], self.line, self.prober
+        if prober(line[-1])[k]:
+            return None
+        if not prober(line[0])[k]:
+            return Boundary(p.series, p.name, None, None, 2, "does not apply as is at the old pin either")
+        hi, probes = search(line, lambda c: prober(c)[k])
+        return Boundary(p.series, p.name, commit_info(self.git_dir, line[hi]), line[hi - 1], probes + 2)
+
+
 def bisect(git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch], source: str = "") -> BisectReport:
-    line = [old_pin] + first_parent_range(git_dir, old_pin, onto)
-    prober = Prober(git_dir, patches)
-    at_pin, at_onto = prober(old_pin), prober(line[-1])
-    bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
-    found: list[Boundary] = []
-    for k, p in enumerate(patches):
-        if at_onto[k]:
-            continue
-        if not at_pin[k]:
-            found.append(Boundary(p.series, p.name, None, None, 2, "does not apply as is at the old pin either"))
-            continue
-        hi, probes = search(line, lambda c, k=k: prober(c)[k])
-        found.append(Boundary(p.series, p.name, commit_info(git_dir, line[hi]), line[hi - 1], probes + 2))
+    history = History(git_dir, old_pin, onto, patches)
+    line, prober = history.line, history.prober
+    found = [b for b in (history.boundary(k) for k in range(len(patches))) if b is not None]
+    at_pin, at_onto = prober(line[0]), prober(line[-1])
     if all(at_onto):
         newest = commit_info(git_dir, line[-1])
     elif not all(at_pin):
@@ -354,6 +366,7 @@ def bisect(git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch], sou
     else:
         hi, _ = search(line, lambda c: all(prober(c)))
         newest = commit_info(git_dir, line[hi - 1])
+    bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
     return BisectReport(source, old_pin, line[-1], len(line) - 1, tuple(found), newest, len(prober.cache), bound)
 
 
@@ -516,6 +529,8 @@ def _replay(state_dir: Path, state: State) -> State:
     git_dir = Path(state.git_dir)
     patches = replay_patches(git_dir, state.old_pin, state.items)
     paths = {p for patch in patches for p in patch.paths}
+    # Built on first need, then shared: the culprits of several patches reuse each other's probes.
+    history = functools.cache(lambda: History(git_dir, state.old_pin, state.onto, patches))
     batch: list[tuple[Result, Patch | None]] = []
     engine: apply.Engine | None = None
 
@@ -548,21 +563,22 @@ def _replay(state_dir: Path, state: State) -> State:
                 engine = apply.Engine(git_dir, state.head, paths=paths)
             verdict = engine.step(patch, track=False)
             if verdict.outcome == apply.ALREADY:
-                result = _upstream_result(state, k, patches)
+                result = _upstream_result(state, k, patches, history)
                 if not state.options["drop_merged"]:
                     return stop(settle(state), result)
                 batch.append((result, None))
                 continue
             if verdict.ok and verdict.outcome in (apply.CLEAN, apply.OFFSET, apply.THREEWAY):
                 word = {apply.CLEAN: "unchanged", apply.OFFSET: "moved", apply.THREEWAY: "merged"}[verdict.outcome]
-                batch.append((Result(item.series, item.name, word, None, False, *_numbers(patch)), patch))
+                breaking = _breaking(history(), k) if word == "merged" else None
+                batch.append((Result(item.series, item.name, word, None, False, *_numbers(patch), breaking), patch))
                 if len(batch) >= BATCH:
                     state = settle(state)  # the engine goes on from the flushed head
                 continue
             state = settle(state)
             engine.close()
             engine = None  # the worktree takes over; a fresh engine starts from the next head
-            result, head = _pick(state, k, patches)
+            result, head = _pick(state, k, patches, history)
             if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
                 return stop(state, result)
             state = replace(state, next=k + 1, head=head, results=state.results + (result,))
@@ -573,7 +589,7 @@ def _replay(state_dir: Path, state: State) -> State:
             engine.close()
 
 
-def _pick(state: State, k: int, patches: Sequence[Patch]) -> tuple[Result, str]:
+def _pick(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History]) -> tuple[Result, str]:
     """A real three-way merge in the worktree: base = the old commit's parent, renames followed."""
     git_dir, item = Path(state.git_dir), state.items[k]
     _git_wt(state, "reset", "--hard", "-q", state.head)
@@ -581,22 +597,22 @@ def _pick(state: State, k: int, patches: Sequence[Patch]) -> tuple[Result, str]:
     if pick.returncode == 0:
         commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree), error=RebaseError)
         files, add, rem = diff_numbers(git_dir, state.head, commit)
-        return Result(item.series, item.name, "merged", commit, False, files, add, rem), commit
+        return Result(item.series, item.name, "merged", commit, False, files, add, rem, _breaking(history(), k)), commit
     conflicted = tuple(out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree), error=RebaseError).split())
     if not conflicted:
         # The merge came out empty: upstream already has the change, in another shape.
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        return _upstream_result(state, k, patches), state.head
+        return _upstream_result(state, k, patches, history), state.head
     files, add, rem = _numbers(patches[k])
     touched = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
-    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(state, k, patches),
+    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(history(), k),
                    conflicted, touched), state.head)
 
 
-def _upstream_result(state: State, k: int, patches: Sequence[Patch]) -> Result:
+def _upstream_result(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History]) -> Result:
     item = state.items[k]
     return Result(item.series, item.name, "upstream", None, bool(state.options["drop_merged"]), *_numbers(patches[k]),
-                  breaking=_breaking(state, k, patches))
+                  breaking=_breaking(history(), k))
 
 
 def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: int = 20) -> tuple[Upstream, ...]:
@@ -608,12 +624,10 @@ def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: in
     return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
 
 
-def _breaking(state: State, k: int, patches: Sequence[Patch]) -> Upstream | None:
+def _breaking(history: History, k: int) -> Upstream | None:
     """The first commit after the old pin at which patch k (on the ones before it) stops applying."""
-    report = bisect(Path(state.git_dir), state.old_pin, state.onto, patches[: k + 1])
-    item = state.items[k]
-    found = [b for b in report.patches if (b.series, b.name) == (item.series, item.name)]
-    return found[0].commit if found else None
+    found = history.boundary(k)
+    return found.commit if found else None
 
 
 def _export(state: State):

@@ -43,6 +43,9 @@ def test_every_outcome_then_continue(tmp_path):
     assert report.status == "stopped"
     assert [r.outcome for r in report.results] == ["moved", "unchanged", "merged", "upstream", "conflict"]
     assert report.results[3].dropped
+    assert report.results[2].breaking.subject == "touch c near our line"
+    assert report.results[3].breaking.subject == "take d upstream"
+    assert report.results[0].breaking is None and report.results[1].breaking is None
     stop = report.stopped_at
     assert stop.conflicted_files == ("e.txt",)
     assert [u.sha for u in stop.upstream_commits] == [breaking]
