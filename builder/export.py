@@ -259,10 +259,13 @@ def plan_export(
     pin_to: str | None = None,
     decode_all: bool = False,
     refresh_context: bool = False,
+    prune: bool = True,
 ) -> ExportResult:
     """Computes every file export would write; writes nothing (see `apply_export`).
 
-    `current` maps (series, entry name) to the entry's decoded patch bytes as they are now.
+    `current` maps (series, entry name) to the entry's decoded patch bytes as they are now. An
+    entry with no commit is dropped (file and series line) only with `prune`: a rebase drops
+    patches on purpose, while a worktree that simply lacks them (a failed apply) must not.
     """
     by_name = {s.name: s for s in series}
     order = [s.name for s in series]
@@ -344,6 +347,11 @@ def plan_export(
                 writes[path] = encode(fresh, target_enc)
                 changes.append(FileChange(spec.name, name, "rewritten", rel))
         gone = [n for (s, n) in current if s == spec.name and n not in {a for a, _ in assigned[spec.name]}]
+        if gone and not prune:
+            raise ExportError(
+                f"{len(gone)} patches of series '{spec.name}' have no commit in {base[:12]}..{head[:12]}: "
+                f"{', '.join(gone[:5])}", where=str(git_dir),
+                hint="re-apply the stack so the worktree holds every patch, or pass --prune to drop them")
         for name in gone:
             if name not in spec.remote:
                 writes[spec.patch_dir / name] = None

@@ -205,8 +205,9 @@ def sources_in_progress(state_dir: Path) -> list[str]:
 
 
 def _locked(state_dir: Path, source: str):
-    """One process per source; the kernel drops the lock when a killed process dies."""
-    return locked(state_dir / f"{source}.lock", f"the rebase of '{source}'")
+    """apply's lock on the stack's work directory: no apply (or other rebase) moves the worktree
+    meanwhile. A kernel lock: a killed process releases it."""
+    return locked(state_dir.parent / ".lock", f"the work directory of stack '{state_dir.parent.name}' ({source})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +391,7 @@ def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
             files += [p for p in sorted(spec.patch_dir.rglob("*")) if p.is_file()]
     final = _backup_dir(plan.state_dir, plan.source)
     shutil.rmtree(final, ignore_errors=True)  # left by a start that died before saving its state
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=plan.state_dir, prefix=f".{plan.source}.backup."))
     for number, f in enumerate(files):
         shutil.copy2(f, tmp / f"{number:05d}")
@@ -829,7 +831,7 @@ def bisect_stack(settings: Settings, cfg: Config, stack: str, source: str | None
 
 
 def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None = None, *, check: bool = False,
-                 decode: bool = False, refresh_context: bool = False) -> tuple[ExportResult, ...]:
+                 decode: bool = False, refresh_context: bool = False, prune: bool = False) -> tuple[ExportResult, ...]:
     """Patch files from the worktree's commits (or, with no worktree, from an in-memory apply)."""
     resolved = cfg.stack(stack)
     chosen = [_git_source(cfg, resolved, source)] if source else [
@@ -855,7 +857,7 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
         results.append(plan_export(
             git_dir=repo, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
             series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
-            decode_all=decode, refresh_context=refresh_context))
+            decode_all=decode, refresh_context=refresh_context, prune=prune))
     if check:
         failure = check_failure(results)
         if failure:

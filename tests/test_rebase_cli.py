@@ -115,3 +115,19 @@ def test_human_output_names_the_outcomes_and_the_culprit(tmp_path):
     assert "moved" in stopped.stdout and "conflicts in e.txt" in stopped.stdout and "rework e" in stopped.stdout
     aborted = runner.invoke(main, [*base, "rebase", "--abort"])
     assert aborted.exit_code == 0 and "aborted" in aborted.stdout
+
+
+def test_export_refuses_to_drop_patches_a_worktree_lacks_unless_pruned(tmp_path):
+    p, _ = project(tmp_path)
+    assert cli(p, tmp_path, "rebase", "lab", "--onto", "v2")[0] == 8
+    assert cli(p, tmp_path, "rebase", "--skip")[0] == 0
+    wt = tmp_path / "work" / "lab" / "vllm"
+    run("reset", "-q", "--hard", "HEAD~1", cwd=wt)  # as if apply had stopped before the last patch
+    before = p.snapshot()
+    code, data, err = cli(p, tmp_path, "export", "lab")
+    assert code == 9 and "0001-a.patch" in err and "--prune" in err
+    assert p.snapshot() == before
+    code, data, err = cli(p, tmp_path, "export", "lab", "--prune")
+    assert code == 0 and [c["action"] for c in data[0]["patches"]] == ["deleted"]
+    assert not (p.patch_dir / "0001-a.patch").exists()
+    assert (p.patch_dir / "series").read_text() == "# xpu patches, in order\n"

@@ -86,15 +86,17 @@ def _render_rebase(report: rb.Report) -> None:
 @click.option("--check", is_flag=True, help="Write nothing; exit non-zero if any file is not the canonical export.")
 @click.option("--decode", is_flag=True, help="Write encoded (.gz/.b64) patches as plain .patch files.")
 @click.option("--refresh-context", is_flag=True, help="Rewrite patches whose line numbers or blob ids moved.")
+@click.option("--prune", is_flag=True, help="Drop series entries that have no commit in the worktree.")
 @json_option
 @pass_ctx
-def export_cmd(ctx: Context, stack: str, source: str | None, check: bool, decode: bool, refresh_context: bool) -> None:
+def export_cmd(ctx: Context, stack: str, source: str | None, check: bool, decode: bool, refresh_context: bool,
+               prune: bool) -> None:
     """Rewrite the patch files from the worktree's commits, in canonical form."""
 
     def call():
         cfg = ctx.config()
         return rb.export_stack(ctx.settings(cfg), cfg, stack, source, check=check, decode=decode,
-                               refresh_context=refresh_context)
+                               refresh_context=refresh_context, prune=prune)
 
     results = run(ctx, call)
     emit(ctx, [r.to_json() for r in results], lambda _: _render_export(results, check))
