@@ -12,8 +12,10 @@ through `git fast-import`), a 50-patch series on its first commit, and a stack.t
            by hand:    `git rebase --onto REF PIN` of the 50 equivalent commits in a worktree
            (commits only: no patch files written).
 
-Each figure is the median of --runs runs; ratios are by-hand time / stackbuild time.
-Usage: python bench/bench_rebase.py [--commits 1000] [--patches 50] [--runs 5] [--json]
+Both rebases start from a worktree that already holds the old series (made untimed: `stackbuild
+apply` / `git worktree add`). Each figure is the median of --runs runs; ratios are by-hand time /
+stackbuild time.
+Usage: python bench/bench_rebase.py [--commits 1000] [--patches 50] [--files 60] [--runs 5] [--json]
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from builder.config import load_config  # noqa: E402
 from builder.export import canonical_patch  # noqa: E402
 from builder.settings import load_settings  # noqa: E402
 
-FILES = 60
 LINES = 200
 ENV = {
     "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LC_ALL": "C",
@@ -59,19 +60,19 @@ def content(f: int, edits: dict[int, str], top: int) -> bytes:
     return ("".join(f"header {f}.{j}\n" for j in range(top)) + "".join(rows)).encode()
 
 
-def build_upstream(path: Path, commits: int, patches: int) -> tuple[list[str], dict[int, int]]:
+def build_upstream(path: Path, commits: int, patches: int, files: int) -> tuple[list[str], dict[int, int]]:
     """Commit 0 is the pin. Upstream commit i touches line 10 of one file (never a patch's context),
     every 50th inserts a line at the top of a file (patches move), and a few touch a patch's
     context (that patch stops applying as is; a three-way merge still takes it)."""
     git("init", "-q", "-b", "main", str(path))
     breaks = {commits * 3 // 10: 3, commits * 7 // 10: 7}  # upstream commit -> patch it breaks
-    edits: dict[int, dict[int, str]] = {f: {} for f in range(FILES)}
-    tops = {f: 0 for f in range(FILES)}
+    edits: dict[int, dict[int, str]] = {f: {} for f in range(files)}
+    tops = {f: 0 for f in range(files)}
     stream = []
     for i in range(commits + 1):
-        changed = set(range(FILES)) if i == 0 else set()
+        changed = set(range(files)) if i == 0 else set()
         if i:
-            f = i % FILES
+            f = i % min(files, 60)
             edits[f][10] = f"upstream {i}"
             changed.add(f)
             if i % 50 == 0:
@@ -89,7 +90,7 @@ def build_upstream(path: Path, commits: int, patches: int) -> tuple[list[str], d
             stream.append(b"from :%d\n" % i)
         for f in sorted(changed):
             data = content(f, edits[f], tops[f])
-            stream.append(b"M 100644 inline src/f%02d.txt\ndata %d\n%s\n" % (f, len(data), data))
+            stream.append(b"M 100644 inline src/f%04d.txt\ndata %d\n%s\n" % (f, len(data), data))
     subprocess.run(["git", "fast-import", "--quiet"], cwd=path, input=b"".join(stream), check=True,
                    env={**os.environ, **ENV})
     git("reset", "-q", "--hard", "main", cwd=path)
@@ -105,7 +106,7 @@ def make_series(upstream: Path, pin: str, patches: int, patch_dir: Path) -> list
             env_idx = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             subprocess.run(["git", "read-tree", pin], cwd=upstream, env={**os.environ, **ENV, **env_idx}, check=True)
             blob = git("hash-object", "-w", "--stdin", cwd=upstream, input=content(k, {100: f"xpu tuned {k}"}, 0))
-            subprocess.run(["git", "update-index", "--cacheinfo", f"100644,{blob},src/f{k:02d}.txt"], cwd=upstream,
+            subprocess.run(["git", "update-index", "--cacheinfo", f"100644,{blob},src/f{k:04d}.txt"], cwd=upstream,
                            env={**os.environ, **ENV, **env_idx}, check=True)
             tree = subprocess.run(["git", "write-tree"], cwd=upstream, env={**os.environ, **ENV, **env_idx},
                                   capture_output=True, check=True).stdout.decode().strip()
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=1000)
     ap.add_argument("--patches", type=int, default=50)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--files", type=int, default=60, help="files in the tree (vLLM has ~4,800)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.update(ENV)
@@ -136,7 +138,7 @@ def main() -> None:
         os.environ["HOME"] = str(tmp / "home")
         os.environ["STACKBUILD_CACHE"] = str(tmp / "cache")
         up = tmp / "upstream"
-        shas, breaks = build_upstream(up, args.commits, args.patches)
+        shas, breaks = build_upstream(up, args.commits, args.patches, args.files)
         pin, ref = shas[0], shas[-1]
         pristine = tmp / "pristine"
         names = make_series(up, pin, args.patches, pristine / "patches" / "xpu")
@@ -179,6 +181,8 @@ def main() -> None:
 
         def ours_rebase(run: int) -> float:
             root, cfg, settings = fresh(run)
+            # Both sides start from a worktree that holds the old series (by hand: `worktree add`).
+            rb.apply.apply_stack(settings, cfg, "lab")
             out: list = []
             t = timed(lambda: out.append(rb.rebase_stack(settings, cfg, "lab", "vllm", onto=ref)))
             assert out[0].status == "finished", out[0].to_json()
@@ -196,7 +200,7 @@ def main() -> None:
                 git("worktree", "remove", "--force", str(wt), cwd=mirror)
 
         results = {
-            "commits": args.commits, "patches": args.patches, "runs": args.runs,
+            "commits": args.commits, "patches": args.patches, "files": args.files, "runs": args.runs,
             "bisect_probes": report.probes, "bisect_bound_per_patch": report.bound,
             "bisect_ours_s": statistics.median(timed(ours_bisect) for _ in range(args.runs)),
             "bisect_by_hand_s": statistics.median(timed(hand_bisect) for _ in range(args.runs)),
@@ -208,7 +212,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"history: {args.commits} commits, series: {args.patches} patches, median of {args.runs}")
+    print(f"history: {args.commits} commits, tree: {args.files} files, series: {args.patches} patches, "
+          f"median of {args.runs}")
     print(f"bisect  stackbuild {results['bisect_ours_s']:.2f} s ({report.probes} probes)   "
           f"git bisect run by hand {results['bisect_by_hand_s']:.2f} s   x{results['bisect_speedup']:.1f}")
     print(f"rebase  stackbuild {results['rebase_ours_s']:.2f} s (with export)   "
