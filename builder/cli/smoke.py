@@ -1,0 +1,133 @@
+"""`stackbuild smoke`, `serve` and `results`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .. import results as results_mod
+from .. import smoke as smoke_mod
+from ..errors import SmokeError
+from . import Context, emit, fail, json_option, main, pass_ctx, run
+
+
+def _say(message: str) -> None:
+    click.echo(f"stackbuild: {message}", err=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _render_run(record: dict) -> None:
+    console = Console()
+    table = Table(title=f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}")
+    for col in ("check", "ok", "detail"):
+        table.add_column(col, overflow="fold")
+    for check in record["checks"]:
+        table.add_row(check["name"], "pass" if check["ok"] else "[red]FAIL[/red]", check["detail"])
+    console.print(table)
+    metrics = record.get("metrics") or {}
+    if len(metrics) > 1:
+        figures = Table(title="metrics (vllm bench serve names)")
+        figures.add_column("metric")
+        figures.add_column("value", justify="right")
+        for name in ("completed", "duration_s", *smoke_mod.METRICS):
+            if name in metrics:
+                figures.add_row(name, _fmt(metrics[name]))
+        console.print(figures)
+    timings = record.get("timings") or {}
+    if timings:
+        console.print("timings: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    console.print(f"results: {record.get('results_file', '')}  server log: {record['server']['log']}")
+
+
+@main.command("smoke")
+@click.argument("stack")
+@click.option("--profile", metavar="NAME", help="Server profile from [smoke.profiles] (default: [smoke] profile).")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path),
+              help="A results file to compare against (overrides [smoke] baseline).")
+@click.option("--host", help="Address to bind (default: [smoke] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [smoke] port; 0 = a free one).")
+@json_option
+@pass_ctx
+def smoke_cmd(ctx: Context, stack: str, profile: str | None, baseline: Path | None, host: str | None,
+              port: int | None) -> None:
+    """Serve STACK's wheels, check and measure the server, record the results, stop it."""
+    def go() -> dict:
+        cfg = ctx.config()
+        try:
+            return smoke_mod.run_smoke(ctx.settings(cfg), cfg, stack, profile=profile, baseline=baseline,
+                                       host=host, port=port, say=_say)
+        except smoke_mod.ServerFailed as exc:
+            if exc.log_tail:
+                click.echo(f"--- last {smoke_mod.LOG_TAIL} lines of the server log ---\n{exc.log_tail}\n---", err=True)
+            raise
+        except smoke_mod.SmokeFailed as exc:
+            if not ctx.as_json:
+                _render_run({**exc.record, "results_file": exc.where})
+            raise
+
+    record = run(ctx, go)
+    emit(ctx, record, _render_run)
+
+
+@main.command("serve")
+@click.argument("stack")
+@click.option("--profile", metavar="NAME", help="Server profile from [smoke.profiles].")
+@click.option("--host", help="Address to bind (default: [smoke] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [smoke] port; 0 = a free one).")
+@json_option
+@pass_ctx
+def serve_cmd(ctx: Context, stack: str, profile: str | None, host: str | None, port: int | None) -> None:
+    """Run STACK's server in the foreground (same environment and profile as smoke) until Ctrl-C."""
+    def go() -> int:
+        cfg = ctx.config()
+        return smoke_mod.serve(ctx.settings(cfg), cfg, stack, profile=profile, host=host, port=port, say=_say)
+
+    code = run(ctx, go)
+    if code:
+        fail(ctx, SmokeError(f"the server exited with code {code}", where=stack, hint="read its output above"))
+    emit(ctx, {"stack": stack, "exit_code": code}, lambda _d: None)
+
+
+@main.command("results")
+@click.argument("stack")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
+              help="Also draw throughput over time into this PNG.")
+@click.option("--last", type=click.IntRange(1), help="Only the last N runs.")
+@json_option
+@pass_ctx
+def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -> None:
+    """List STACK's past smoke runs side by side (and plot throughput over time)."""
+    def go() -> dict:
+        cfg = ctx.config()
+        cfg.stack(stack)
+        runs = results_mod.list_results(ctx.settings(cfg).results_dir, stack)
+        if last:
+            runs = runs[-last:]
+        out = {"stack": stack, "runs": results_mod.summary_rows(runs)}
+        if plot:
+            out["plot"] = str(results_mod.plot_throughput(runs, plot, stack))
+        return out
+
+    def render(data: dict) -> None:
+        table = Table(title=f"smoke runs of {stack}")
+        cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
+        for col in cols:
+            table.add_column(col, justify="right" if col in results_mod.COLUMNS else "left")
+        for row in data["runs"]:
+            table.add_row(*(_fmt(row[c]) for c in cols))
+        Console().print(table)
+        if data.get("plot"):
+            click.echo(f"plot: {data['plot']}")
+
+    emit(ctx, run(ctx, go), render)
