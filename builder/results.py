@@ -17,6 +17,9 @@ from .errors import ConfigError, SmokeError
 # The figures `results` shows per run; names as in the results files' "metrics".
 COLUMNS = ("output_throughput", "total_token_throughput", "median_ttft_ms", "p90_ttft_ms", "median_tpot_ms",
            "median_itl_ms")
+# Short headers so the side-by-side table fits a terminal; --json keeps the full names.
+LABELS = {"output_throughput": "out tok/s", "total_token_throughput": "total tok/s", "median_ttft_ms": "TTFT ms",
+          "p90_ttft_ms": "TTFT p90", "median_tpot_ms": "TPOT ms", "median_itl_ms": "ITL ms"}
 
 
 def new_result_path(results_dir: Path, stack: str) -> tuple[str, Path]:
@@ -104,7 +107,7 @@ def plot_throughput(runs: Sequence[Mapping[str, Any]], out: Path, stack: str) ->
     profiles = sorted({(r.get("profile") or {}).get("name", "?") for r in points})
     for profile in profiles:
         mine = [r for r in points if (r.get("profile") or {}).get("name", "?") == profile]
-        when = [datetime.strptime(r["started"][:16], "%Y%m%dT%H%M%S") for r in mine]
+        when = [datetime.strptime(r["started"][:15], "%Y%m%dT%H%M%S") for r in mine]
         for metric, style in (("output_throughput", "o-"), ("total_token_throughput", "s--")):
             ax.plot(when, [r["metrics"].get(metric) for r in mine], style, label=f"{profile} {metric}")
         bad = [(w, r["metrics"]["output_throughput"]) for w, r in zip(when, mine) if r.get("verdict") != "pass"]

