@@ -892,12 +892,40 @@ class Client:
         self.model = model
         self.timeout = timeout
         self.session = requests.Session()
+        # (start, end) of every request, so the harness can tell its own time from the server's.
+        self.intervals: list[tuple[float, float]] = []
+
+    def busy(self, since: float = 0.0) -> float:
+        """Seconds since `since` during which at least one request was in flight."""
+        total, end = 0.0, since
+        for a, b in sorted(self.intervals):
+            a = max(a, end)
+            if b > a:
+                total += b - a
+                end = b
+        return total
 
     def get(self, path: str, timeout: float | None = None) -> requests.Response:
-        return self.session.get(self.base + path, timeout=timeout or self.timeout)
+        start = time.perf_counter()
+        try:
+            return self.session.get(self.base + path, timeout=timeout or self.timeout)
+        finally:
+            self.intervals.append((start, time.perf_counter()))
 
-    def complete(self, prompt: str | list[int], *, chat: bool = False, stream: bool = False, max_tokens: int = 16,
-                 ignore_eos: bool = False, timeout: float | None = None) -> Completion:
+    def post(self, path: str, body: Mapping[str, Any]) -> requests.Response:
+        start = time.perf_counter()
+        try:
+            return self.session.post(self.base + path, json=body, timeout=self.timeout)
+        finally:
+            self.intervals.append((start, time.perf_counter()))
+
+    def complete(self, prompt: str | list[int], **kw: Any) -> Completion:
+        done = self._complete(prompt, **kw)
+        self.intervals.append((done.start, done.start + done.e2e))
+        return done
+
+    def _complete(self, prompt: str | list[int], *, chat: bool = False, stream: bool = False, max_tokens: int = 16,
+                  ignore_eos: bool = False, timeout: float | None = None) -> Completion:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
         if chat:
             body["messages"] = [{"role": "user", "content": prompt}]
@@ -993,7 +1021,7 @@ def _tail_text(log: Path | None, lines: int) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def wait_ready(server: Server, client: Client, timeout: float, poll: float = 0.5) -> float:
+def wait_ready(server: Server, client: Client, timeout: float, poll: float = 0.2) -> float:
     """Seconds until `/health` is 200 and a real completion succeeds; fails at once if the server exits."""
     start = time.monotonic()
     deadline = start + timeout
@@ -1173,8 +1201,7 @@ def check_concurrency(client: Client, streams: int, max_tokens: int) -> CheckRes
 def bench_prompt(client: Client, bench: Bench) -> list[int] | str:
     """Exactly `prompt_tokens` token ids from the server's own tokenizer, as `vllm bench serve` does."""
     try:
-        resp = client.session.post(client.base + "/tokenize", json={"model": client.model, "prompt": bench.prompt},
-                                   timeout=client.timeout)
+        resp = client.post("/tokenize", {"model": client.model, "prompt": bench.prompt})
         tokens = resp.json().get("tokens") if resp.status_code == 200 else None
     except (requests.RequestException, ValueError):
         tokens = None
@@ -1333,6 +1360,13 @@ def prepare(settings: Settings, sc: SmokeConfig, profile: Profile, say: Callable
     return Prepared(sc, profile, build, python, model, env_path, image, expected)
 
 
+def prepare_stack(settings: Settings, cfg: Config, stack: str, *, profile: str | None = None,
+                  say: Callable[[str], None] = lambda _m: None) -> Prepared:
+    """Only the expensive, cached part of a run: the serving environment and the model. For CI warm-up."""
+    sc = load_smoke_config(cfg, cfg.stack(stack))
+    return prepare(settings, sc, sc.profile(profile), say)
+
+
 def _ensure_tiny(settings: Settings, sc: SmokeConfig, python: str, image: str | None) -> Path:
     if image is None:
         return tinymodel.ensure(settings.cache_dir, python)
@@ -1428,8 +1462,9 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                 timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
                 say(f"ready after {timings['ready_s']:.1f} s; checking")
                 t_ready = time.perf_counter()
-                checks, metrics, busy = _checks_and_metrics(client, prep, server)
+                checks, metrics = _checks_and_metrics(client, prep, server)
                 timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
+                busy = client.busy(since=t_ready)
                 timings["requests_s"] = round(busy, 3)
                 timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
             except ServerFailed as exc:
@@ -1487,8 +1522,8 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _checks_and_metrics(client: Client, prep: Prepared, server: Server) -> tuple[list[CheckResult], dict[str, float], float]:
-    """Runs every check and the bench; returns them and the summed wall time spent inside requests."""
+def _checks_and_metrics(client: Client, prep: Prepared, server: Server) -> tuple[list[CheckResult], dict[str, float]]:
+    """Runs every check and the bench, in a fixed order; fails if the server died meanwhile."""
     sc, prof = prep.sc, prep.profile
     checks = [check_health(client), check_models(client, sc.served_model_name, prof.max_model_len)]
     expected = dict(sc.expect_version)
@@ -1497,11 +1532,8 @@ def _checks_and_metrics(client: Client, prep: Prepared, server: Server) -> tuple
     checks.append(check_version(client, expected))
     if sc.expect_headers:
         checks.append(check_headers(client, sc.expect_headers, sc.header_paths))
-    timed: list[Completion] = []
     for canary in sc.canaries:
-        result, done = check_canary(client, canary)
-        checks.append(result)
-        timed.append(done)
+        checks.append(check_canary(client, canary)[0])
     if sc.determinism and sc.canaries:
         checks.append(check_determinism(client, sc.canaries[0]))
     if prof.concurrency:
@@ -1517,9 +1549,7 @@ def _checks_and_metrics(client: Client, prep: Prepared, server: Server) -> tuple
     code = server.exit_code()
     if code is not None:
         raise ServerFailed(f"the server exited with code {code} during the checks", log=server.log)
-    busy = sum(c.e2e for c in timed) + duration + sum(
-        c.figures.get("wall_s", 0) for c in checks if c.name == "concurrency")
-    return checks, metrics, busy
+    return checks, metrics
 
 
 def serve(settings: Settings, cfg: Config, stack: str, *, profile: str | None = None, host: str | None = None,
@@ -1548,6 +1578,6 @@ __all__ = [
     "Bench", "BuildOutput", "Canary", "CheckResult", "Client", "Completion", "ContainerSpec", "Gate", "METRICS",
     "Prepared", "Profile", "Server", "ServerFailed", "SmokeConfig", "SmokeFailed", "Wheel", "check_port_free",
     "compare_baseline", "compute_metrics", "container_dockerfile", "container_run_spec", "env_key",
-    "evaluate_gates", "load_smoke_config", "percentile", "prepare", "prepare_venv", "process_tree", "read_build",
+    "evaluate_gates", "load_smoke_config", "percentile", "prepare", "prepare_stack", "prepare_venv", "process_tree", "read_build",
     "render", "run_smoke", "serve", "start_process", "venv_path", "venv_ready", "wait_ready",
 ]

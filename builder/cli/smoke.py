@@ -63,13 +63,19 @@ def _render_run(record: dict) -> None:
               help="A results file to compare against (overrides [smoke] baseline).")
 @click.option("--host", help="Address to bind (default: [smoke] host, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [smoke] port; 0 = a free one).")
+@click.option("--prepare-only", is_flag=True,
+              help="Only create the cached serving environment and model (e.g. to warm a CI cache), then exit.")
 @json_option
 @pass_ctx
 def smoke_cmd(ctx: Context, stack: str, profile: str | None, baseline: Path | None, host: str | None,
-              port: int | None) -> None:
+              port: int | None, prepare_only: bool) -> None:
     """Serve STACK's wheels, check and measure the server, record the results, stop it."""
     def go() -> dict:
         cfg = ctx.config()
+        if prepare_only:
+            prep = smoke_mod.prepare_stack(ctx.settings(cfg), cfg, stack, profile=profile, say=_say)
+            return {"stack": stack, "runtime": prep.sc.runtime, "environment": prep.env_path or prep.image,
+                    "python": prep.python, "model": prep.model_path, "version": prep.expected_version}
         try:
             return smoke_mod.run_smoke(ctx.settings(cfg), cfg, stack, profile=profile, baseline=baseline,
                                        host=host, port=port, say=_say)
@@ -83,7 +89,8 @@ def smoke_cmd(ctx: Context, stack: str, profile: str | None, baseline: Path | No
             raise
 
     record = run(ctx, go)
-    emit(ctx, record, _render_run)
+    emit(ctx, record, _render_run if not prepare_only else lambda d: click.echo(
+        "\n".join(f"{k}: {v}" for k, v in d.items())))
 
 
 @main.command("serve")
