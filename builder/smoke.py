@@ -654,6 +654,20 @@ def _signal_all(pids: Sequence[int], pgid: int | None, sig: int) -> None:
             pass
 
 
+@contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup the first one started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def start_process(argv: Sequence[str], env: Mapping[str, str], log: Path | None, grace: float = 15.0) -> Server:
     """Starts argv in its own session, so Ctrl-C reaches only us and we stop the tree ourselves.
 
@@ -684,6 +698,10 @@ def start_process(argv: Sequence[str], env: Mapping[str, str], log: Path | None,
         if stopped.is_set():
             return
         stopped.set()
+        with _uninterruptible():
+            _stop()
+
+    def _stop() -> None:
         if proc.poll() is None:
             known.update(process_tree(proc.pid))
         _signal_all(_living(known), proc.pid, signal.SIGTERM)
@@ -851,10 +869,11 @@ def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) 
         return None if container.status in ("created", "running", "restarting") else int(container.attrs["State"]["ExitCode"])
 
     def stop() -> None:
-        try:
-            container.stop(timeout=15)
-        finally:
-            container.remove(force=True)
+        with _uninterruptible():
+            try:
+                container.stop(timeout=15)
+            finally:
+                container.remove(force=True)
 
     return Server(None, log, exit_code, stop)
 
