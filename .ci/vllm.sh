@@ -5,7 +5,8 @@
 # Needs: python3 >= 3.11 with venv, stackbuild importable by $STACKBUILD_PY (default python3), and
 # a pip configuration that finds torch==2.13.0+cpu (a find-links folder or PyTorch's CPU index via
 # PIP_FIND_LINKS / PIP_EXTRA_INDEX_URL) — the project never names an index itself.
-# The cache is $STACKBUILD_CACHE, else ~/.cache/stackbuild: keep it between CI runs to save ~2.5 min.
+# The cache is $STACKBUILD_TEST_CACHE (what the vllm tier reads), else $STACKBUILD_CACHE, else
+# ~/.cache/stackbuild: keep it between CI runs to save ~3 min.
 
 _sb_vllm() {
     local root py
@@ -20,7 +21,7 @@ _sb_vllm() {
         return 1
     fi
     local start=$SECONDS
-    (cd "$root" && "$py" -c 'import builder.cli.smoke; from builder.cli import main; main()' \
+    (cd "$root" && STACKBUILD_CACHE="${STACKBUILD_TEST_CACHE:-${STACKBUILD_CACHE:-}}" "$py" -c 'import builder.cli.smoke; from builder.cli import main; main()' \
         --stack tests/data/smoke/vllm-cpu.toml smoke vllm-cpu --prepare-only) || return 1
     echo "vllm.sh: serving venv ready in $((SECONDS - start)) s" >&2
 }

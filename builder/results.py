@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError, SmokeError
+from .fsutil import atomic_write
 
 # The figures `results` shows per run; names as in the results files' "metrics".
 COLUMNS = ("output_throughput", "total_token_throughput", "median_ttft_ms", "p90_ttft_ms", "median_tpot_ms",
@@ -35,16 +36,7 @@ def new_result_path(results_dir: Path, stack: str) -> tuple[str, Path]:
 
 
 def write_result(path: Path, record: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out, indent=2, sort_keys=False, default=str)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
 def read_result(path: Path) -> dict[str, Any]:

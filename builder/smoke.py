@@ -8,7 +8,6 @@ checks, the metrics (named as `vllm bench serve` names them) and the verdict.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from . import results as results_mod
 from . import tinymodel
 from .config import Config, ResolvedStack, deep_merge, thaw
 from .errors import ConfigError, SmokeError, VerifyError
+from .fsutil import locked
 from .settings import Settings
 
 RUNTIMES = ("venv", "host", "container")
@@ -544,17 +544,6 @@ def venv_ready(path: Path) -> bool:
     return (path / READY_MARK).is_file()
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_venv(settings: Settings, sc: SmokeConfig, build: BuildOutput | None,
                  say: Callable[[str], None] = lambda _m: None) -> Path:
     """The cached venv with the wheels and requirements; made once per key, under a lock.
@@ -565,7 +554,7 @@ def prepare_venv(settings: Settings, sc: SmokeConfig, build: BuildOutput | None,
     path = venv_path(settings, sc, build)
     if venv_ready(path):
         return path
-    with _locked(path.with_name(path.name + ".lock")):
+    with locked(path.with_name(path.name + ".lock"), f"the serving venv {path.name}"):
         if venv_ready(path):
             return path
         shutil.rmtree(path, ignore_errors=True)

@@ -22,8 +22,9 @@ from smoketools import HERE, alive, cli, hermetic_env, load, settings_for, wait_
 pytestmark = pytest.mark.vllm
 
 STACK_FILE = HERE / "data" / "smoke" / "vllm-cpu.toml"
-# Read before any test changes HOME: the venv lives in the machine's real cache, shared with CI's setup.
-REAL_CACHE = default_cache_dir()
+# Read at import, before the hermetic fixtures change HOME: the venv lives in a persistent cache
+# shared with .ci/vllm.sh (STACKBUILD_TEST_CACHE, else the machine's stackbuild cache).
+REAL_CACHE = Path(os.environ["STACKBUILD_TEST_CACHE"]) if os.environ.get("STACKBUILD_TEST_CACHE") else default_cache_dir()
 
 
 def _require_env() -> Path:

@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from .. import results as results_mod
 from .. import smoke as smoke_mod
 from ..errors import SmokeError
+from ..report import simple_table
 from . import Context, emit, fail, json_option, main, pass_ctx, run
 
 
@@ -35,21 +35,14 @@ def _fmt(value: Any) -> str:
 
 def _render_run(record: dict) -> None:
     console = _console()
-    table = Table(title=f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}")
-    for col in ("check", "ok", "detail"):
-        table.add_column(col, overflow="fold")
-    for check in record["checks"]:
-        table.add_row(check["name"], "pass" if check["ok"] else "[red]FAIL[/red]", check["detail"])
-    console.print(table)
+    title = f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}"
+    console.print(simple_table(title, ("check", "ok", "detail"),
+                               ((c["name"], "pass" if c["ok"] else "[red]FAIL[/red]", c["detail"]) for c in record["checks"])))
     metrics = record.get("metrics") or {}
     if len(metrics) > 1:
-        figures = Table(title="metrics (vllm bench serve names)")
-        figures.add_column("metric")
-        figures.add_column("value", justify="right")
-        for name in ("completed", "duration_s", *smoke_mod.METRICS):
-            if name in metrics:
-                figures.add_row(name, _fmt(metrics[name]))
-        console.print(figures)
+        names = [n for n in ("completed", "duration_s", *smoke_mod.METRICS) if n in metrics]
+        console.print(simple_table("metrics (vllm bench serve names)", ("metric", "value"),
+                                   ((n, _fmt(metrics[n])) for n in names)))
     timings = record.get("timings") or {}
     if timings:
         console.print("timings: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
@@ -133,14 +126,9 @@ def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -
         return out
 
     def render(data: dict) -> None:
-        table = Table(title=f"smoke runs of {stack}")
         cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
-        for col in cols:
-            table.add_column(results_mod.LABELS.get(col, col), justify="right" if col in results_mod.COLUMNS else "left",
-                             no_wrap=col == "started")
-        for row in data["runs"]:
-            table.add_row(*(_fmt(row[c]) for c in cols))
-        _console().print(table)
+        _console().print(simple_table(f"smoke runs of {stack}", [results_mod.LABELS.get(c, c) for c in cols],
+                                      ([_fmt(row[c]) for c in cols] for row in data["runs"])))
         if data.get("plot"):
             click.echo(f"plot: {data['plot']}")
 
