@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import socket
 import time
 from pathlib import Path
@@ -209,7 +210,7 @@ def test_ctrl_c_stops_the_server_tree_and_exits_130(tmp_path):
     stack = fake_stack(tmp_path, pidfile=pidfile, server_flags="--child --token-delay 0.05")
     stack.write_text(stack.read_text().replace("requests = 6", "requests = 400"))
     env = hermetic_env(tmp_path)
-    proc = cli(["--stack", str(stack), "smoke", "fake"], env, stderr=__import__("subprocess").PIPE, text=True)
+    proc = cli(["--stack", str(stack), "smoke", "fake"], env, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in proc.stderr:
@@ -510,3 +511,49 @@ def test_failed_venv_install_leaves_no_env(tmp_path):
     with pytest.raises(SmokeError, match="pip install"):
         smoke.prepare_venv(s, sc, None)
     assert not smoke.venv_path(s, sc, None).exists()
+
+
+def test_serve_runs_in_the_foreground_until_ctrl_c(tmp_path):
+    pidfile = tmp_path / "pids.json"
+    stack = fake_stack(tmp_path, pidfile=pidfile, server_flags="--child")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = cli(["--stack", str(stack), "serve", "fake", "--port", str(port)], hermetic_env(tmp_path),
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(pidfile.exists)
+        pids = pids_from(pidfile)
+        client = smoke.Client(f"http://127.0.0.1:{port}", "fake-model", 5)
+        assert wait_for(lambda: _health(client) == 200)
+        done = client.complete("hi", max_tokens=3)
+        assert done.ok and done.completion_tokens == 3
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "serving fake (default) on http://127.0.0.1:" in err
+    assert "listening on" in out  # the server's own output goes to the terminal
+    assert not any(alive(p) for p in pids)
+
+
+def test_serve_reports_a_server_that_exits(tmp_path):
+    stack = fake_stack(tmp_path, server_flags="--exit-after 0.2")
+    proc = cli(["--stack", str(stack), "serve", "fake"], hermetic_env(tmp_path), stdout=-1, stderr=-1, text=True)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == SmokeError.exit_code and "exited with code 4" in err
+
+
+def _health(client: smoke.Client) -> int | None:
+    try:
+        return client.get("/health", timeout=1).status_code
+    except Exception:
+        return None
+
+
+def test_busy_time_counts_overlapping_requests_once():
+    client = smoke.Client("http://127.0.0.1:1", "m", 1)
+    client.intervals += [(0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (-2.0, -1.0)]
+    assert client.busy(since=0.0) == pytest.approx(2.5)
