@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import socket
 import time
 from pathlib import Path
@@ -557,3 +558,30 @@ def test_busy_time_counts_overlapping_requests_once():
     client = smoke.Client("http://127.0.0.1:1", "m", 1)
     client.intervals += [(0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (-2.0, -1.0)]
     assert client.busy(since=0.0) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("flags, ok", [
+    ("--version 0.32.0", True),            # vLLM reports the wheel's version without its local label
+    ("--version 0.32.0+cpu", True),
+    ("--version 0.31.9", False),
+    ("--version 0.32.0+xpu", False),
+])
+def test_version_is_compared_with_the_built_wheel(tmp_path, flags, ok):
+    write_manifest(tmp_path)
+    stack = fake_stack(tmp_path, server_flags=flags)
+    stack.write_text(stack.read_text().replace("wheels = false", "wheels = true")
+                     .replace('expect_version = { version = "0.0.fake" }', ""))
+    cfg = load(stack)
+    s = settings_for(tmp_path)
+    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
+    prep = smoke.Prepared(sc, sc.profile(None), smoke.read_build(s, "fake"), sys.executable, "m", None, None, "0.32.0+cpu")
+    port = smoke.free_port("127.0.0.1")
+    server, _argv = smoke.start_server(prep, "127.0.0.1", port, tmp_path, tmp_path / "log")
+    try:
+        client = smoke.Client(f"http://127.0.0.1:{port}", "fake-model", 10)
+        smoke.wait_ready(server, client, 20)
+        result = smoke.check_version(client, sc.expect_version, prep.expected_version)
+    finally:
+        server.stop()
+    assert result.ok is ok, result.detail
+    assert result.figures["expected"] == {"version": "0.32.0+cpu"}
