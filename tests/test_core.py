@@ -339,3 +339,27 @@ series = ["cpu-kv"]
     wt = root / "work/cpu-kv/vllm"
     assert (wt / "vllm/v1/core/sched/scheduler.py").read_text() == shared["vllm/v1/core/sched/scheduler.py"]
     assert (wt / "vllm/worker.py").read_text().endswith("cpu kv\n")
+
+
+def test_new_file_under_a_file_or_over_a_folder_conflicts(project, upstream: Upstream):
+    upstream.commit({"dir/inner.txt": "x\n"}, "a folder")
+    pin = upstream.head()
+    under_file = b"diff --git a/b.txt/x b/b.txt/x\nnew file mode 100644\n--- /dev/null\n+++ b/b.txt/x\n@@ -0,0 +1 @@\n+x\n"
+    over_dir = b"diff --git a/dir b/dir\nnew file mode 100644\n--- /dev/null\n+++ b/dir\n@@ -0,0 +1 @@\n+x\n"
+    root = project({"under.patch": under_file, "over.patch": over_dir}, commit=pin)
+    code, report = check_json(root)
+    assert code == 6 and outcomes(report) == ["conflict", "conflict"]
+    reasons = [p["failed"][0]["reason"] for p in report["sources"][0]["patches"]]
+    assert reasons == ["'b.txt' is a file", "file already exists"]
+
+
+def test_check_at_a_branch_fetches_it(project, upstream: Upstream):
+    root = project({"one.patch": upstream.diff({"a.txt": body(l5="five")})})
+    run(root, "sources", "sync", ok=True)
+    newer = upstream.commit({"a.txt": "top\n" + LINES}, "upstream moves on main")
+    code, report = check_json(root, "--at", "origin/main")
+    assert code == 0 and outcomes(report) == ["offset"] and report["sources"][0]["base"] == newer
+    code, report = check_json(root, "--at", f"up={project.pin}")
+    assert code == 0 and outcomes(report) == ["clean"]
+    code, out, _ = run(root, "--json", "check", "--at", "origin/no-such-branch")
+    assert code == 5 and "cannot fetch 'origin/no-such-branch'" in json.loads(out)["message"]
