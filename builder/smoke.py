@@ -1480,14 +1480,15 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                 timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
                 say(f"ready after {timings['ready_s']:.1f} s; checking")
                 t_ready = time.perf_counter()
-                checks, metrics = _checks_and_metrics(client, prep, server)
+                metrics = _checks_and_metrics(client, prep, server, checks)[1]
                 timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
                 busy = client.busy(since=t_ready)
                 timings["requests_s"] = round(busy, 3)
                 timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
             except ServerFailed as exc:
                 failure = exc
-                checks.append(CheckResult("ready", False, exc.message, {"log_tail": exc.log_tail}))
+                name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
+                checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
             finally:
                 if server is not None:
                     server.stop()
@@ -1540,10 +1541,13 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _checks_and_metrics(client: Client, prep: Prepared, server: Server) -> tuple[list[CheckResult], dict[str, float]]:
-    """Runs every check and the bench, in a fixed order; fails if the server died meanwhile."""
+def _checks_and_metrics(client: Client, prep: Prepared, server: Server,
+                        checks: list[CheckResult] | None = None) -> tuple[list[CheckResult], dict[str, float]]:
+    """Runs every check and the bench, in a fixed order, appending to `checks` so a run that fails
+    half-way still records what it saw; fails if the server died meanwhile."""
     sc, prof = prep.sc, prep.profile
-    checks = [check_health(client), check_models(client, sc.served_model_name, prof.max_model_len)]
+    checks = [] if checks is None else checks
+    checks += [check_health(client), check_models(client, sc.served_model_name, prof.max_model_len)]
     checks.append(check_version(client, sc.expect_version, prep.expected_version))
     if sc.expect_headers:
         checks.append(check_headers(client, sc.expect_headers, sc.header_paths))
