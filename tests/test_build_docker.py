@@ -342,7 +342,9 @@ def test_vllm_python_only_wheel_carries_the_patches(vllm_build):
     assert 'x-stackbuild-stack' in register
     slot_fn = triton_utils.split("def _compute_slot_mapping_kernel_impl(", 1)[1].split("\ndef ", 1)[0]
     assert "block_size: int" not in slot_fn and "KV_CACHE_BLOCK_SIZE," in slot_fn
-    assert "triton-cpu" not in meta and "github.com" not in meta
+    requires = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:")]
+    assert any(ln.startswith("Requires-Dist: torch==2.13.0+cpu") for ln in requires), requires
+    assert not [ln for ln in requires if "triton" in ln], "requirements/cpu.txt patch missing"
     assert "vllm/_C.abi3.so" in names  # the compiled part came from the precompiled wheel
     assert B.verify(dist)["wheels"] == [wheel["file"]]
     print(f"vllm build {vllm_build['seconds']:.1f} s, no-op rerun {vllm_build['noop']:.3f} s")
