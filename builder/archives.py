@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -55,7 +56,7 @@ def pip_setting(name: str) -> str | None:
         return env
     try:
         out = subprocess.run(
-            ["python3", "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
