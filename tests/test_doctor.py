@@ -70,7 +70,7 @@ def test_doctor_cli_one_line_per_check(tmp_path):
     result = CliRunner(mix_stderr=False).invoke(main, ["doctor", "--recipe", "xpu", "--engine", DEAD])
     assert result.exit_code == DoctorError.exit_code
     lines = result.stdout.splitlines()
-    names = [line.split(":")[0].split(" ", 1)[1] for line in lines]
+    names = [line[5:].split(":")[0] for line in lines]
     assert names == ["docker", "disk", "memory", "base image (xpu)", "render nodes", "gpu groups"]
     assert lines[0].startswith("FAIL docker")
     memory = next(line for line in lines if " memory:" in line)
