@@ -1,0 +1,882 @@
+"""The apply engine: patches become commits without touching a worktree, refs move last.
+
+Blobs are read through one `git cat-file --batch`, hunks are applied in Python with `git apply`'s
+own matching rules (exact context, offsets searched nearest-first, anchoring at the beginning and
+end of files), and every commit goes through one `git fast-import` stream. Patches our applier
+does not decide — binary, copies, and anything needing a three-way merge — are handed to git
+itself on a temporary index. Nothing moves a ref: `replay` only writes objects, so `check`,
+`bisect` and `build` can run it freely; `apply_stack` moves the branch and the worktree at the
+very end, with interrupts held, so a failure leaves the previous state as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .config import Config, ResolvedStack, Source
+from .errors import ApplyError, PatchError
+from .fsutil import atomic_write, deferred_interrupts, locked
+from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
+from .patches import FileDiff, Hunk, Patch, split_lf
+from .series import load_series, load_stack_patches
+from .settings import Settings
+from .sources import Synced, fetch_ref, sync
+
+CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT = "clean", "offset", "fuzz", "3way", "already-applied", "conflict"
+OUTCOMES = (CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT)
+TRAILER = "Stackbuild-Patch"
+ENGINE_VERSION = "1"  # part of every digest: a change in how commits are made must not reuse old ones
+DEFAULT_FUZZ = 2
+
+
+@dataclass(frozen=True)
+class FailedHunk:
+    path: str
+    hunk: int  # 1-based within its file
+    header: str
+    line: int  # of the hunk header in the patch file
+    reason: str = "context does not match"
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    patch: Patch
+    outcome: str
+    ok: bool
+    commit: str | None = None
+    failed: tuple[FailedHunk, ...] = ()
+    files: tuple[str, ...] = ()
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "patch": self.patch.label,
+            "outcome": self.outcome,
+            "ok": self.ok,
+            "commit": self.commit,
+            "sha256": self.patch.sha256,
+            "files": list(self.files),
+            "failed": [vars(f) for f in self.failed],
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Overlap:
+    path: str
+    earlier: str
+    later: str
+    first_line: int
+    last_line: int
+    kind: str  # "rewrites": changes lines the earlier patch wrote; "context": leans on them as context
+
+    def to_json(self) -> dict:
+        return vars(self).copy()
+
+
+@dataclass(frozen=True)
+class Replay:
+    base: str
+    head: str
+    results: tuple[PatchResult, ...]
+    overlaps: tuple[Overlap, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    @property
+    def first_failure(self) -> PatchResult | None:
+        return next((r for r in self.results if not r.ok), None)
+
+
+# --------------------------------------------------------------------------- hunk matching
+
+
+@dataclass
+class _FileState:
+    mode: str
+    lines: list[bytes]
+    owners: list[str | None]
+
+
+def _find(img: list[bytes], pre: list[bytes], start: int, at_begin: bool, at_end: bool,
+          patched: list[bool]) -> int | None:
+    """git apply's find_pos: try START, then START+1, START-1, START+2, ... within the file.
+
+    Lines an earlier hunk of the same file wrote are never matched again, as in git.
+    """
+    n, total = len(pre), len(img)
+    if at_begin:
+        start = 0
+    elif at_end:
+        start = total - n
+    start = max(0, min(start, total))
+
+    def fits(pos: int) -> bool:
+        if pos < 0 or pos + n > total:
+            return False
+        if at_begin and pos != 0:
+            return False
+        if at_end and pos + n != total:
+            return False
+        if n == 0:
+            return True
+        if any(patched[pos:pos + n]) or img[pos:pos + n - 1] != pre[:-1]:
+            return False
+        last, mine = pre[-1], img[pos + n - 1]
+        if last == mine:
+            return True
+        # git compares the preimage's bytes as a prefix of the image's: a last line without LF
+        # (from "\ No newline at end of file") matches the same line followed by whitespace,
+        # unless the hunk is anchored at the end of the file.
+        return (not at_end and not last.endswith(b"\n") and mine.startswith(last)
+                and not mine[len(last):].strip(b" \t\n\r\x0b\x0c"))
+
+    if fits(start):
+        return start
+    if at_begin or at_end:
+        return None
+    back, fwd = start, start
+    while back > 0 or fwd < total:
+        if fwd < total:
+            fwd += 1
+            if fits(fwd):
+                return fwd
+        if back > 0:
+            back -= 1
+            if fits(back):
+                return back
+    return None
+
+
+def _trim(hunk: Hunk, fuzz: int) -> tuple[list[tuple[bytes, bytes]], bool, bool]:
+    """The hunk's tagged lines with up to FUZZ context lines dropped at each end (GNU patch's fuzz)."""
+    tagged = [(ln[:1], ln[1:]) for ln in hunk.lines]
+    if not hunk.old_eof_newline or not hunk.new_eof_newline:
+        tagged = _strip_eof_newline(tagged, hunk)
+    lead, trail = hunk.leading(), hunk.trailing()
+    drop_lead, drop_trail = min(fuzz, lead), min(fuzz, trail)
+    if drop_lead or drop_trail:
+        tagged = tagged[drop_lead:len(tagged) - drop_trail]
+    at_begin = (hunk.old_start == 0 or hunk.old_start == 1) and drop_lead == 0
+    at_end = trail == 0
+    return tagged, at_begin, at_end
+
+
+def _strip_eof_newline(tagged: list[tuple[bytes, bytes]], hunk: Hunk) -> list[tuple[bytes, bytes]]:
+    """Represent "\\ No newline at end of file": the last line of a side loses its LF."""
+    out = list(tagged)
+    for side_tag, keep in ((b"-", hunk.old_eof_newline), (b"+", hunk.new_eof_newline)):
+        if keep:
+            continue
+        for i in range(len(out) - 1, -1, -1):
+            tag, text = out[i]
+            if tag in (b" ", side_tag):
+                out[i] = (tag, text[:-1] if text.endswith(b"\n") else text)
+                break
+    return out
+
+
+def apply_hunks(state: _FileState, hunks: Sequence[Hunk], fuzz: int, owner: str, path: str,
+                overlaps: list[Overlap] | None) -> tuple[_FileState | None, int, int, list[FailedHunk]]:
+    """Returns the new state (None on failure), the largest offset, the fuzz used, failed hunks."""
+    lines, owners = list(state.lines), list(state.owners)
+    patched = [False] * len(lines)
+    max_offset, used_fuzz, failed = 0, 0, []
+    for number, hunk in enumerate(hunks, 1):
+        placed = None
+        for level in range(0, fuzz + 1):
+            tagged, at_begin, at_end = _trim(hunk, level)
+            if level and len(tagged) == len(hunk.lines):
+                break  # nothing left to drop: more fuzz cannot help
+            pre = [t for tag, t in tagged if tag != b"+"]
+            start = hunk.new_start - 1 if hunk.new_start else 0
+            # Dropped leading context moves where the hunk is expected by as many lines.
+            expected = start + min(level, hunk.leading())
+            pos = _find(lines, pre, expected, at_begin, at_end, patched)
+            if pos is not None:
+                placed = (pos, tagged, level, expected)
+                break
+        if placed is None:
+            failed.append(FailedHunk(path, number, hunk.header, hunk.line))
+            continue
+        pos, tagged, level, expected = placed
+        used_fuzz = max(used_fuzz, level)
+        max_offset = max(max_offset, abs(pos - expected))
+        new_lines: list[bytes] = []
+        new_owners: list[str | None] = []
+        cursor = pos
+        for tag, text in tagged:
+            if tag == b"+":
+                new_lines.append(text)
+                new_owners.append(owner)
+                continue
+            prior = owners[cursor]
+            if prior is not None and prior != owner and overlaps is not None:
+                kind = "rewrites" if tag == b"-" else "context"
+                overlaps.append(Overlap(path, prior, owner, cursor + 1, cursor + 1, kind))
+            if tag == b" ":
+                new_lines.append(text)
+                new_owners.append(prior)
+            cursor += 1
+        n_pre = cursor - pos
+        lines[pos:pos + n_pre] = new_lines
+        owners[pos:pos + n_pre] = new_owners
+        patched[pos:pos + n_pre] = [True] * len(new_lines)
+    if failed:
+        return None, max_offset, used_fuzz, failed
+    return _FileState(state.mode, lines, owners), max_offset, used_fuzz, []
+
+
+def reverse_diff(diff: FileDiff) -> FileDiff:
+    swap = {b"+": b"-", b"-": b"+"}
+    hunks = tuple(
+        Hunk(h.new_start, h.new_count, h.old_start, h.old_count,
+             tuple(swap.get(ln[:1], ln[:1]) + ln[1:] for ln in h.lines), h.new_eof_newline, h.old_eof_newline, h.line)
+        for h in diff.hunks
+    )
+    return replace(diff, old_path=diff.new_path, new_path=diff.old_path, hunks=hunks, old_mode=diff.new_mode,
+                   new_mode=diff.old_mode, old_blob=diff.new_blob, new_blob=diff.old_blob)
+
+
+# --------------------------------------------------------------------------- the replay
+
+
+@dataclass
+class _Entry:
+    mode: str
+    sha: str | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class _PendingCommit:
+    patch: Patch
+    message: bytes
+    author: str
+    changes: dict[str, _Entry | None]
+
+
+def _fi_path(path: str) -> bytes:
+    raw = path.encode("utf-8", "surrogateescape")
+    if any(c < 0x20 for c in raw) or raw.startswith(b'"') or b"\\" in raw:
+        escaped = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n")
+        return b'"' + escaped + b'"'
+    return raw
+
+
+def commit_message(patch: Patch) -> str:
+    text = patch.header.message.strip() or f"Apply {patch.name}"
+    return f"{text}\n\n{TRAILER}: {patch.label}\n"
+
+
+def author_line(patch: Patch) -> str:
+    h = patch.header
+    name = (h.author or IDENTITY).replace("<", "").replace(">", "").strip() or IDENTITY
+    email = (h.email or EMAIL).replace("<", "").replace(">", "")
+    return f"{name} <{email}> {h.date or EPOCH}"
+
+
+class Engine:
+    """One replay of patches over one base commit in one repository."""
+
+    def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False):
+        self.git_dir = git_dir
+        self.base = out(["rev-parse", f"{base}^{{commit}}"], git_dir=git_dir, error=ApplyError)
+        self.head = self.base
+        self.fuzz = fuzz
+        self.cat = CatFile(git_dir)
+        self.entries: dict[str, _Entry] = {}
+        listing = git(["ls-tree", "-r", "-z", "--full-tree", self.base], git_dir=git_dir).stdout
+        for item in listing.split(b"\0"):
+            if item:
+                meta, path = item.split(b"\t", 1)
+                mode, _kind, sha = meta.split()
+                self.entries[path.decode("utf-8", "surrogateescape")] = _Entry(mode.decode(), sha.decode())
+        self.dirs = {p.rsplit("/", 1)[0] for p in self.entries if "/" in p}
+        self.files: dict[str, _FileState] = {}
+        self.pending: list[_PendingCommit] = []
+        self.commits: dict[int, str] = {}  # id(patch) -> its commit, once written
+        self.overlaps: list[Overlap] | None = [] if overlaps else None
+
+    def close(self) -> None:
+        self.cat.close()
+
+    # -- reading the current tree
+
+    def _content(self, path: str, entry: _Entry) -> bytes:
+        if entry.data is None:
+            data = self.cat.read(str(entry.sha))
+            entry.data = b"" if data is None else data
+        return entry.data
+
+    def _state(self, path: str, writes: dict[str, _FileState | None]) -> _FileState | None:
+        if path in writes:
+            return writes[path]
+        if path in self.files:
+            return self.files[path]
+        entry = self.entries.get(path)
+        if entry is None:
+            return None
+        lines = split_lf(self._content(path, entry))
+        state = _FileState(entry.mode, lines, [None] * len(lines))
+        self.files[path] = state
+        return state
+
+    def _check_safe(self, patch: Patch, path: str) -> None:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            entry = self.entries.get(prefix)
+            if entry is not None and entry.mode == "120000":
+                raise PatchError(f"patch writes '{path}' through the symbolic link '{prefix}'",
+                                 where=patch.path and str(patch.path) or patch.label,
+                                 hint="a patch may not reach outside its tree through a symlink; remove that file diff")
+
+    # -- one patch, in Python
+
+    def _try(self, patch: Patch, diffs: Iterable[FileDiff], fuzz: int, track: bool):
+        writes: dict[str, _FileState | None] = {}
+        failed: list[FailedHunk] = []
+        max_offset = used_fuzz = 0
+        for diff in diffs:
+            for p in (diff.old_path, diff.new_path):
+                if p:
+                    self._check_safe(patch, p)
+            old = self._state(diff.old_path, writes) if diff.old_path else None
+            if diff.old_path and old is None:
+                failed.append(FailedHunk(diff.old_path, 0, "", diff.line, "file does not exist"))
+                continue
+            if diff.old_path is None:
+                if self._state(str(diff.new_path), writes) is not None or diff.new_path in self.dirs:
+                    failed.append(FailedHunk(str(diff.new_path), 0, "", diff.line, "file already exists"))
+                    continue
+                old = _FileState(diff.new_mode or "100644", [], [])
+            elif diff.rename and diff.new_path and self._state(diff.new_path, writes) is not None:
+                failed.append(FailedHunk(diff.new_path, 0, "", diff.line, "rename target already exists"))
+                continue
+            assert old is not None
+            new, offset, fz, bad = apply_hunks(old, diff.hunks, fuzz, patch.label, diff.path,
+                                               self.overlaps if track else None)
+            if new is None:
+                failed.extend(bad)
+                continue
+            max_offset, used_fuzz = max(max_offset, offset), max(used_fuzz, fz)
+            if diff.new_path is None:
+                if new.lines:
+                    failed.append(FailedHunk(str(diff.old_path), 0, "", diff.line, "deletion leaves content behind"))
+                    continue
+                writes[str(diff.old_path)] = None
+                continue
+            if diff.new_mode:
+                new.mode = diff.new_mode
+            if diff.rename and diff.old_path:
+                writes[diff.old_path] = None
+            writes[diff.new_path] = new
+        return writes, failed, max_offset, used_fuzz
+
+    def _record(self, patch: Patch, writes: dict[str, _FileState | None]) -> None:
+        changes: dict[str, _Entry | None] = {}
+        for path, state in writes.items():
+            if state is None:
+                self.files.pop(path, None)
+                self.entries.pop(path, None)
+                changes[path] = None
+            else:
+                self.files[path] = state
+                entry = _Entry(state.mode, None, b"".join(state.lines))
+                self.entries[path] = entry
+                changes[path] = entry
+        self._queue(patch, changes)
+
+    def _queue(self, patch: Patch, changes: dict[str, _Entry | None]) -> None:
+        self.pending.append(_PendingCommit(patch, commit_message(patch).encode(), author_line(patch), changes))
+
+    # -- committing through fast-import
+
+    def flush(self) -> list[str]:
+        """Write pending commits; returns their SHAs in order."""
+        if not self.pending:
+            return []
+        ref = f"refs/stackbuild/scratch/{os.getpid()}-{id(self)}"
+        chunks: list[bytes] = []
+        parent = self.head
+        for mark, pc in enumerate(self.pending, 1):
+            chunks.append(b"commit %s\nmark :%d\n" % (ref.encode(), mark))
+            chunks.append(b"author %s\ncommitter %s <%s> %s\n" % (pc.author.encode(), IDENTITY.encode(), EMAIL.encode(), EPOCH.encode()))
+            chunks.append(b"data %d\n%s\n" % (len(pc.message), pc.message))
+            chunks.append(b"from %s\n" % (parent.encode() if mark == 1 else b":%d" % (mark - 1)))
+            for path in sorted(pc.changes):
+                entry = pc.changes[path]
+                p = _fi_path(path)
+                if entry is None:
+                    chunks.append(b"D %s\n" % p)
+                elif entry.data is not None:
+                    chunks.append(b"M %s inline %s\ndata %d\n" % (entry.mode.encode(), p, len(entry.data)))
+                    chunks.append(entry.data)
+                    chunks.append(b"\n")
+                else:
+                    chunks.append(b"M %s %s %s\n" % (entry.mode.encode(), str(entry.sha).encode(), p))
+            chunks.append(b"\n")
+        chunks.append(b"done\n")
+        with tempfile.NamedTemporaryFile(prefix="stackbuild-marks-") as marks:
+            proc = subprocess.run(
+                ["git", f"--git-dir={self.git_dir}", "-c", "core.compression=1", "fast-import", "--quiet", "--done",
+                 "--depth=1", f"--export-marks={marks.name}"],
+                input=b"".join(chunks), env=base_env(), capture_output=True,
+            )
+            if proc.returncode != 0:
+                raise ApplyError(f"git fast-import failed: {proc.stderr.decode(errors='replace').strip()[-300:]}",
+                                 where=str(self.git_dir), hint="check disk space and the repository's health (git fsck)")
+            table = dict(line.split() for line in Path(marks.name).read_text().splitlines())
+        git(["update-ref", "-d", ref], git_dir=self.git_dir, check=False)
+        shas = [table[f":{i}"] for i in range(1, len(self.pending) + 1)]
+        for pc, sha in zip(self.pending, shas):
+            self.commits[id(pc.patch)] = sha
+        self.pending.clear()
+        self.head = shas[-1]
+        return shas
+
+    # -- patches git decides
+
+    def _via_git(self, patch: Patch, threeway: bool) -> tuple[bool, dict[str, _Entry | None], str]:
+        self.flush()
+        with tempfile.TemporaryDirectory(prefix="stackbuild-idx-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(["read-tree", self.head], git_dir=self.git_dir, env=env, error=ApplyError)
+            args = ["apply", "--cached", f"-p{patch.strip}", "--whitespace=nowarn"]
+            if patch.directory:
+                args.append(f"--directory={patch.directory}")
+            if threeway:
+                args.append("--3way")
+            proc = git(args, git_dir=self.git_dir, env=env, input=patch.data, check=False)
+            unmerged = git(["ls-files", "-u"], git_dir=self.git_dir, env=env).stdout.strip()
+            message = proc.stderr.decode(errors="replace").strip()
+            if proc.returncode != 0 or unmerged:
+                return False, {}, message
+            tree = out(["write-tree"], git_dir=self.git_dir, env=env, error=ApplyError)
+        diff = git(["diff-tree", "-r", "-z", "--no-renames", f"{self.head}^{{tree}}", tree], git_dir=self.git_dir).stdout
+        fields = diff.split(b"\0")
+        changes: dict[str, _Entry | None] = {}
+        for i in range(0, len(fields) - 1, 2):
+            meta, path = fields[i].decode(), fields[i + 1].decode("utf-8", "surrogateescape")
+            _old_mode, new_mode, _old_sha, new_sha, status = meta.lstrip(":").split()
+            changes[path] = None if status == "D" else _Entry(new_mode, new_sha)
+        return True, changes, message
+
+    def _record_git(self, patch: Patch, changes: dict[str, _Entry | None]) -> None:
+        for path, entry in changes.items():
+            self.files.pop(path, None)
+            if entry is None:
+                self.entries.pop(path, None)
+            else:
+                self.entries[path] = entry
+        self._queue(patch, changes)
+
+    # -- the public step
+
+    def step(self, patch: Patch, *, fuzz: int | None = None, track: bool = True) -> PatchResult:
+        allowed = self.fuzz if fuzz is None else fuzz
+        files = tuple(dict.fromkeys(f.path for f in patch.files))
+        if any(f.needs_git for f in patch.files):
+            ok, changes, message = self._via_git(patch, threeway=False)
+            if ok:
+                self._record_git(patch, changes)
+                return PatchResult(patch, CLEAN, True, files=files)
+            ok, changes, message3 = self._via_git(patch, threeway=True)
+            if ok:
+                self._record_git(patch, changes)
+                return PatchResult(patch, THREEWAY, True, files=files)
+            lines = (message3 or message).splitlines()
+            return PatchResult(patch, CONFLICT, False, files=files, detail=lines[-1] if lines else "")
+        writes, failed, offset, _ = self._try(patch, patch.files, 0, track)
+        if not failed:
+            self._record(patch, writes)
+            return PatchResult(patch, OFFSET if offset else CLEAN, True, files=files,
+                               detail=f"offset {offset} lines" if offset else "")
+        _, rfailed, _, _ = self._try(patch, [reverse_diff(f) for f in reversed(patch.files)], 0, False)
+        if not rfailed:
+            return PatchResult(patch, ALREADY, True, files=files, detail="applies in reverse: upstream already has it")
+        if any(f.old_blob for f in patch.files):
+            ok, changes, message = self._via_git(patch, threeway=True)
+            if ok:
+                self._record_git(patch, changes)
+                return PatchResult(patch, THREEWAY, True, files=files, detail="applied by three-way merge")
+        fwrites, ffailed, _, used = self._try(patch, patch.files, max(DEFAULT_FUZZ, allowed), False)
+        if not ffailed:
+            accepted = allowed >= used
+            if accepted:
+                self._record(patch, fwrites)
+            return PatchResult(patch, FUZZ, accepted, files=files, failed=() if accepted else tuple(failed),
+                               detail=f"applies only with fuzz {used}" + ("" if accepted else " (refused)"))
+        return PatchResult(patch, CONFLICT, False, files=files, failed=tuple(failed))
+
+
+def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0, stop_at_failure: bool = True,
+           overlaps: bool = False, fuzz_for: Callable[[Patch], int] | None = None) -> Replay:
+    """Apply PATCHES over BASE as commits, in memory; only objects are written, no ref moves."""
+    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps)
+    try:
+        results: list[PatchResult] = []
+        for patch in patches:
+            result = engine.step(patch, fuzz=max(fuzz, fuzz_for(patch)) if fuzz_for else None)
+            results.append(result)
+            if not result.ok and stop_at_failure:
+                break
+        engine.flush()
+        results = [replace(r, commit=engine.commits.get(id(r.patch))) for r in results]
+        return Replay(engine.base, engine.head, tuple(results), tuple(_merge_overlaps(engine.overlaps or [])))
+    finally:
+        engine.close()
+
+
+def _merge_overlaps(found: list[Overlap]) -> list[Overlap]:
+    """Adjacent lines of the same pair and kind become one range."""
+    merged: list[Overlap] = []
+    for o in found:
+        last = merged[-1] if merged else None
+        if last and (last.path, last.earlier, last.later, last.kind) == (o.path, o.earlier, o.later, o.kind) \
+                and o.first_line <= last.last_line + 1:
+            merged[-1] = replace(last, last_line=max(last.last_line, o.last_line))
+        else:
+            merged.append(o)
+    return merged
+
+
+# --------------------------------------------------------------------------- stacks
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A stack's inputs, loaded and verified before anything is written."""
+
+    stack: ResolvedStack
+    patches: dict[str, tuple[Patch, ...]]
+    synced: dict[str, Synced]
+    fuzz: dict[str, int]
+
+    def digest(self, source: str) -> str:
+        """Names the applied result of one source: its pin and the exact patches, in order."""
+        parts = [ENGINE_VERSION, self.synced[source].commit]
+        for p in self.patches[source]:
+            parts.append(f"{p.label}\0{p.strip}\0{p.directory}\0{p.sha256}\0{self.fuzz.get(p.series, 0)}")
+        return sha256_text("\n".join(parts))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False) -> Prepared:
+    stack = config.stack(name)
+    patches = load_stack_patches(settings, config, stack)
+    synced = {s.name: sync(settings, s, progress=progress) for s in stack.sources}
+    return Prepared(stack, patches, synced, {s.name: s.fuzz for s in stack.series})
+
+
+@dataclass(frozen=True)
+class AppliedSource:
+    source: Source
+    git_dir: Path
+    base: str
+    commit: str
+    patches: tuple[Patch, ...]
+    replay: Replay
+
+
+def _replay_source(prep: Prepared, source: str, base: str | None = None, *, allow_fuzz: int = 0,
+                   stop_at_failure: bool = True, overlaps: bool = False) -> Replay:
+    synced = prep.synced[source]
+    return replay(synced.git_dir, base or synced.commit, prep.patches[source], fuzz=allow_fuzz,
+                  stop_at_failure=stop_at_failure, overlaps=overlaps,
+                  fuzz_for=lambda p: prep.fuzz.get(p.series, 0))
+
+
+def materialize(settings: Settings, config: Config, name: str, *, progress: bool = False) -> dict[str, AppliedSource]:
+    """Every source of the stack with its patches applied as commits; no worktree, no ref moved."""
+    prep = prepare(settings, config, name, progress=progress)
+    out_: dict[str, AppliedSource] = {}
+    for src in prep.stack.sources:
+        result = _replay_source(prep, src.name)
+        failure = result.first_failure
+        if failure is not None:
+            raise _failure_error(name, src.name, failure)
+        synced = prep.synced[src.name]
+        out_[src.name] = AppliedSource(src, synced.git_dir, synced.commit, result.head, prep.patches[src.name], result)
+    return out_
+
+
+def _failure_error(stack: str, source: str, failure: PatchResult) -> ApplyError:
+    where = str(failure.patch.path or failure.patch.url or failure.patch.label)
+    if failure.outcome == FUZZ:
+        return ApplyError(f"{failure.patch.label} applies to '{source}' only with reduced context ({failure.detail})",
+                          where=where, hint=f"refresh the patch (stackbuild rebase {stack} then export), or allow it: "
+                                            f"fuzz = N in [series.{failure.patch.series}] or --allow-fuzz")
+    hunks = ", ".join(f"{f.path} hunk #{f.hunk} ({f.reason})" if f.hunk else f"{f.path} ({f.reason})"
+                      for f in failure.failed[:6]) or failure.detail or "three-way merge left conflicts"
+    return ApplyError(f"{failure.patch.label} does not apply to '{source}': {hunks}", where=where,
+                      hint=f"fix the patch against the pin (the worktree holds the patches before it), or run "
+                           f"'stackbuild rebase {stack} --source {source} --onto <ref>'")
+
+
+# ---- check
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    source: str
+    base: str
+    at: str | None
+    replay: Replay
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "base": self.base, "at": self.at, "head": self.replay.head,
+                "ok": self.replay.ok, "patches": [r.to_json() for r in self.replay.results],
+                "overlaps": [o.to_json() for o in self.replay.overlaps]}
+
+
+@dataclass(frozen=True)
+class StackCheck:
+    stack: str
+    sources: tuple[SourceCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.replay.ok for s in self.sources)
+
+    def to_json(self) -> dict:
+        return {"stack": self.stack, "ok": self.ok, "sources": [s.to_json() for s in self.sources]}
+
+
+def parse_at(values: Sequence[str]) -> dict[str | None, str]:
+    """`--at REF` applies to every git source; `--at SOURCE=REF` to one."""
+    at: dict[str | None, str] = {}
+    for value in values:
+        source, sep, ref = value.partition("=")
+        if sep and "/" not in source and ":" not in source:
+            at[source] = ref
+        else:
+            at[None] = value
+    return at
+
+
+def check_stacks(settings: Settings, config: Config, names: Sequence[str], *, at: Sequence[str] = (),
+                 allow_fuzz: int = 0, progress: bool = False) -> tuple[StackCheck, ...]:
+    """Verdicts for every patch of every stack against the pins (or AT), without any checkout."""
+    refs = parse_at(at)
+    for key in refs:
+        if key is not None and key not in config.sources:
+            raise ApplyError(f"--at names unknown source '{key}'", where="--at",
+                             hint=f"sources: {', '.join(config.sources)}")
+    reports = []
+    for name in names or sorted(config.stacks):
+        prep = prepare(settings, config, name, progress=progress)
+        checks = []
+        for src in prep.stack.sources:
+            ref = refs.get(src.name) or (refs.get(None) if src.kind == "git" else None)
+            synced = prep.synced[src.name]
+            base = fetch_ref(settings, src, synced.git_dir, ref, progress=progress) if ref else synced.commit
+            result = _replay_source(prep, src.name, base, allow_fuzz=allow_fuzz, stop_at_failure=False, overlaps=True)
+            checks.append(SourceCheck(src.name, base, ref, result))
+        reports.append(StackCheck(name, tuple(checks)))
+    return tuple(reports)
+
+
+# ---- apply into worktrees
+
+
+STATE_FILE = "stackbuild-state.json"
+
+
+def stack_dir(settings: Settings, stack: str) -> Path:
+    return settings.work_dir / stack
+
+
+def branch_of(stack: str) -> str:
+    return f"stackbuild/{stack}"
+
+
+def read_state(settings: Settings, stack: str) -> dict:
+    path = stack_dir(settings, stack) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"stack": stack, "sources": {}}
+    except (OSError, ValueError) as exc:
+        raise ApplyError(f"unreadable state file: {exc}", where=str(path),
+                         hint="delete the file; the next apply rebuilds it from the worktrees") from None
+
+
+@dataclass(frozen=True)
+class SourceApply:
+    source: str
+    worktree: Path
+    base: str
+    head: str
+    replay: Replay | None  # None when the worktree was already up to date
+    action: str  # "created", "updated", "unchanged"
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "worktree": str(self.worktree), "base": self.base, "head": self.head,
+                "action": self.action, "ok": self.replay.ok if self.replay else True,
+                "patches": [r.to_json() for r in self.replay.results] if self.replay else []}
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    stack: str
+    sources: tuple[SourceApply, ...]
+    error: ApplyError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        return {"stack": self.stack, "ok": self.ok, "sources": [s.to_json() for s in self.sources],
+                "error": self.error.to_json() if self.error else None}
+
+
+def _wt_git(wt: Path, args: Sequence[str], **kw) -> subprocess.CompletedProcess:
+    return git(args, cwd=wt, error=ApplyError, where=str(wt), **kw)
+
+
+def _inspect_worktree(wt: Path, branch: str, recorded: str | None, force: bool) -> str | None:
+    """The worktree's current head, after making sure moving it loses nothing of the user's."""
+    if not (wt / ".git").exists():
+        if wt.exists() and any(wt.iterdir()):
+            raise ApplyError("the worktree folder exists but is not a git worktree", where=str(wt),
+                             hint="move it away; stackbuild will not overwrite files it did not create")
+        return None
+    head_ref = _wt_git(wt, ["symbolic-ref", "-q", "HEAD"], check=False).stdout.decode().strip()
+    head = _wt_git(wt, ["rev-parse", "HEAD"]).stdout.decode().strip()
+    if force:
+        return head
+    if head_ref != f"refs/heads/{branch}":
+        raise ApplyError(f"the worktree is on '{head_ref or 'a detached HEAD'}', not {branch}", where=str(wt),
+                         hint=f"git -C {wt} checkout {branch}, or re-run with --force to reset it")
+    dirty = _wt_git(wt, ["status", "--porcelain", "--untracked-files=no"]).stdout.decode().strip()
+    if dirty:
+        raise ApplyError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)", where=str(wt),
+                         hint="commit and export them (stackbuild export), stash them, or re-run with --force to discard them")
+    if recorded and head != recorded:
+        raise ApplyError("the worktree has commits that are not in the series", where=str(wt),
+                         hint="export them first (stackbuild export), or re-run with --force to discard them")
+    return head
+
+
+def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
+    """A worktree is a clone sharing the mirror's objects, so several work dirs can hold one stack."""
+    if current is None:
+        try:
+            wt.parent.mkdir(parents=True, exist_ok=True)
+            git(["clone", "-q", "--shared", "--no-checkout", str(git_dir), str(wt)], error=ApplyError,
+                hint="check disk space and permissions of the work directory")
+            _wt_git(wt, ["config", "core.hooksPath", "/dev/null"])
+            _wt_git(wt, ["checkout", "-q", "-B", branch, new])
+        except BaseException:
+            shutil.rmtree(wt, ignore_errors=True)
+            raise
+        action = "created"
+    elif current == new and not force:
+        return "unchanged"
+    elif force:
+        _wt_git(wt, ["checkout", "-q", "-f", "-B", branch, new])
+        action = "updated"
+    else:
+        _wt_git(wt, ["read-tree", "-m", "-u", current, new],
+                hint="an untracked file in the worktree is in the way; move it and re-run")
+        _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
+        action = "updated"
+    # The worktree borrows the mirror's objects: a ref there keeps `git gc` from pruning them.
+    git(["update-ref", f"refs/stackbuild/applied/{branch}/{wt.name}", new], git_dir=git_dir, check=False)
+    return action
+
+
+def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: int = 0, force: bool = False,
+                progress: bool = False) -> ApplyReport:
+    """Worktrees at work/<stack>/<source> on branch stackbuild/<stack>, one commit per patch.
+
+    Everything is computed first (patches read and verified, sources synced, commits written as
+    objects); the worktrees and branches move last, with Ctrl-C held, so a failure or an
+    interrupt leaves every worktree as it was. A patch that does not apply stops its source at
+    the last good commit.
+    """
+    root = stack_dir(settings, name)
+    with locked(root / ".lock", f"the work directory of stack '{name}'"):
+        prep = prepare(settings, config, name, progress=progress)
+        state = read_state(settings, name)
+        branch = branch_of(name)
+        plans = []
+        for src in prep.stack.sources:
+            wt = root / src.name
+            recorded = state["sources"].get(src.name, {})
+            current = _inspect_worktree(wt, branch, recorded.get("head"), force)
+            digest = prep.digest(src.name)
+            if current is not None and current == recorded.get("head") and recorded.get("digest") == digest and not force:
+                plans.append((src, wt, current, None, digest))
+                continue
+            result = _replay_source(prep, src.name, allow_fuzz=allow_fuzz)
+            plans.append((src, wt, current, result, digest))
+        reports = []
+        error = None
+        with deferred_interrupts():
+            for src, wt, current, result, digest in plans:
+                synced = prep.synced[src.name]
+                head = current if result is None else result.head
+                action = "unchanged" if result is None else _move_worktree(synced.git_dir, wt, branch, current, head, force)
+                complete = result is None or result.ok
+                state["sources"][src.name] = {
+                    "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,
+                    "digest": digest if complete else None,
+                    "patches": [{"patch": p.label, "sha256": p.sha256} for p in prep.patches[src.name]],
+                }
+                reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action))
+                if result is not None and error is None and result.first_failure is not None:
+                    error = _failure_error(name, src.name, result.first_failure)
+            atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
+        return ApplyReport(name, tuple(reports), error)
+
+
+# ---- status
+
+
+def status(settings: Settings, config: Config, names: Sequence[str]) -> list[dict]:
+    """What is applied where, and what is stale: patch files changed since the worktree was made."""
+    rows = []
+    for name in names or sorted(config.stacks):
+        stack = config.stack(name)
+        state = read_state(settings, name)
+        current: dict[str, dict[str, str]] = {}
+        for s in stack.series:
+            for p in load_series(settings, s):
+                current.setdefault(s.source, {})[p.label] = p.sha256
+        for src in stack.sources:
+            wt = stack_dir(settings, name) / src.name
+            rec = state["sources"].get(src.name)
+            row = {"stack": name, "source": src.name, "worktree": str(wt), "applied": bool(rec and (wt / ".git").exists())}
+            if row["applied"]:
+                recorded = {p["patch"]: p["sha256"] for p in rec["patches"]}
+                now = current.get(src.name, {})
+                changed = sorted(k for k in now if recorded.get(k) not in (None, now[k]))
+                added = sorted(k for k in now if k not in recorded)
+                removed = sorted(k for k in recorded if k not in now)
+                head = _wt_git(wt, ["rev-parse", "HEAD"]).stdout.decode().strip()
+                dirty = bool(_wt_git(wt, ["status", "--porcelain", "--untracked-files=no"]).stdout.strip())
+                row.update({
+                    "head": head, "pin": src.pin, "base": rec["base"], "complete": rec.get("digest") is not None,
+                    "stale": bool(changed or added or removed) or rec["base"] != (src.commit or rec["base"]),
+                    "changed": changed, "added": added, "removed": removed,
+                    "moved": head != rec["head"], "dirty": dirty,
+                })
+            rows.append(row)
+    return rows

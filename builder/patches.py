@@ -1,0 +1,528 @@
+"""Reading, decoding and parsing patch files, byte for byte.
+
+The parser works on bytes, not text: patches carry CRLF content, files without a final newline
+and non-UTF-8 bytes, and the applier must agree with `git apply` on every one of them. It parses
+unified diffs, `git diff` extended headers (new/deleted files, modes, renames, copies, binary)
+and `git format-patch` mails, whose author, date and message are kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.utils import parseaddr, parsedate_to_datetime
+from pathlib import Path
+
+from .errors import PatchError
+
+ENCODINGS = (".gz.b64", ".b64", ".gz")
+HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
+MAIL_FROM_RE = re.compile(rb"^From [0-9a-f]{40} ")
+INDEX_RE = re.compile(rb"^index ([0-9a-f]+)\.\.([0-9a-f]+)(?: ([0-7]{6}))?$")
+NULL = "/dev/null"
+
+
+def split_lf(data: bytes) -> list[bytes]:
+    """Lines end at LF only, with their LF kept: a CR inside a line is content, as git sees it."""
+    parts = data.split(b"\n")
+    lines = [p + b"\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def encoding_of(name: str) -> str:
+    for suffix in ENCODINGS:
+        if name.endswith(suffix):
+            return suffix[1:]
+    return ""
+
+
+def decode(raw: bytes, encoding: str, where: str) -> bytes:
+    """Undo `.b64`, `.gz` and `.gz.b64` wrapping; corrupt input is an error, never garbage."""
+    data = raw
+    try:
+        if encoding in ("b64", "gz.b64"):
+            data = base64.b64decode(b"".join(data.split()), validate=True)
+        if encoding in ("gz", "gz.b64"):
+            data = gzip.decompress(data)
+    except (binascii.Error, ValueError) as exc:
+        raise PatchError(f"corrupt base64 in .{encoding} patch: {exc}", where=where,
+                         hint="re-download or re-encode it: gzip -c X.patch | base64 > X.patch.gz.b64") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise PatchError(f"corrupt gzip data in .{encoding} patch: {exc}", where=where,
+                         hint="re-download or re-create the file; check it with gzip -t") from None
+    return data
+
+
+def encode(data: bytes, encoding: str) -> bytes:
+    """The inverse of `decode`, deterministic (gzip mtime 0) so exports do not churn."""
+    if encoding in ("gz", "gz.b64"):
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    if encoding in ("b64", "gz.b64"):
+        raw = base64.b64encode(data)
+        data = b"\n".join(raw[i:i + 76] for i in range(0, len(raw), 76)) + b"\n"
+    return data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Header:
+    """Who wrote a patch and why: from a mail's headers, or the text before a quilt diff."""
+
+    subject: str = ""
+    body: str = ""
+    author: str | None = None
+    email: str | None = None
+    date: str | None = None  # git's raw form: "<epoch> <+hhmm>"
+
+    @property
+    def message(self) -> str:
+        return self.subject + (f"\n\n{self.body}" if self.body else "")
+
+
+@dataclass(frozen=True)
+class Hunk:
+    old_start: int
+    old_count: int
+    new_start: int
+    new_count: int
+    lines: tuple[bytes, ...]  # each with its ' ', '-', '+' marker and its line ending
+    old_eof_newline: bool = True  # False after "\ No newline at end of file" on the old side
+    new_eof_newline: bool = True
+    line: int = 0  # where the hunk header is in the patch file
+
+    @property
+    def header(self) -> str:
+        return f"@@ -{self.old_start},{self.old_count} +{self.new_start},{self.new_count} @@"
+
+    def old_lines(self) -> list[bytes]:
+        return _side(self.lines, b"-", self.old_eof_newline)
+
+    def new_lines(self) -> list[bytes]:
+        return _side(self.lines, b"+", self.new_eof_newline)
+
+    def leading(self) -> int:
+        n = 0
+        for ln in self.lines:
+            if ln[:1] != b" ":
+                break
+            n += 1
+        return n
+
+    def trailing(self) -> int:
+        n = 0
+        for ln in reversed(self.lines):
+            if ln[:1] != b" ":
+                break
+            n += 1
+        return n
+
+
+def _side(lines: tuple[bytes, ...], marker: bytes, eof_newline: bool) -> list[bytes]:
+    out = [ln[1:] for ln in lines if ln[:1] in (b" ", marker)]
+    if not eof_newline and out and out[-1].endswith(b"\n"):
+        out[-1] = out[-1][:-1]
+    return out
+
+
+@dataclass(frozen=True)
+class FileDiff:
+    old_path: str | None  # None for a new file
+    new_path: str | None  # None for a deleted file
+    hunks: tuple[Hunk, ...] = ()
+    old_mode: str | None = None
+    new_mode: str | None = None
+    old_blob: str | None = None
+    new_blob: str | None = None
+    rename: bool = False
+    copy: bool = False
+    binary: bool = False
+    line: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.new_path or self.old_path or ""
+
+    @property
+    def needs_git(self) -> bool:
+        """Shapes our applier leaves to git itself, which handles them by definition."""
+        return self.binary or self.copy
+
+    @property
+    def added(self) -> int:
+        return sum(1 for h in self.hunks for ln in h.lines if ln[:1] == b"+")
+
+    @property
+    def removed(self) -> int:
+        return sum(1 for h in self.hunks for ln in h.lines if ln[:1] == b"-")
+
+
+@dataclass(frozen=True)
+class Patch:
+    series: str
+    name: str
+    data: bytes = field(repr=False)
+    sha256: str
+    encoding: str
+    files: tuple[FileDiff, ...]
+    header: Header
+    strip: int = 1
+    directory: str = ""
+    path: Path | None = None
+    url: str | None = None
+    mail: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.series}/{self.name}"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for f in self.files:
+            for p in (f.old_path, f.new_path):
+                if p:
+                    seen[p] = None
+        return tuple(seen)
+
+
+def _unquote(raw: bytes) -> bytes:
+    """git's C-style quoting of unusual path names ("a/t\\303\\244b")."""
+    if not raw.startswith(b'"'):
+        return raw
+    out = bytearray()
+    i = 1
+    escapes = {ord("n"): 10, ord("t"): 9, ord('"'): 34, ord("\\"): 92, ord("a"): 7, ord("b"): 8,
+               ord("f"): 12, ord("r"): 13, ord("v"): 11}
+    while i < len(raw) and raw[i] != ord('"'):
+        c = raw[i]
+        if c == ord("\\") and i + 1 < len(raw):
+            nxt = raw[i + 1]
+            if 48 <= nxt <= 55:
+                out.append(int(raw[i + 1:i + 4], 8))
+                i += 4
+                continue
+            out.append(escapes.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return bytes(out)
+
+
+def _split_git_names(rest: bytes) -> tuple[bytes, bytes] | None:
+    """`diff --git a/X b/Y`: X and Y may contain spaces; when equal, split in the middle."""
+    if rest.startswith(b'"'):
+        end = rest.index(b'"', 1)
+        while rest[end - 1:end] == b"\\":
+            end = rest.index(b'"', end + 1)
+        return _unquote(rest[:end + 1]), _unquote(rest[end + 2:].strip())
+    if b' "' in rest:
+        a, b = rest.split(b' "', 1)
+        return a, _unquote(b'"' + b)
+    half = len(rest) // 2
+    if len(rest) % 2 == 1 and rest[half:half + 1] == b" " and rest[:half].split(b"/", 1)[-1] == rest[half + 1:].split(b"/", 1)[-1]:
+        return rest[:half], rest[half + 1:]
+    parts = rest.split(b" ")
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    return None
+
+
+class _Parser:
+    def __init__(self, data: bytes, where: str, strip: int, directory: str):
+        self.lines = split_lf(data)
+        self.where = where
+        self.strip = strip
+        self.directory = directory
+        self.i = 0
+
+    def error(self, message: str, line: int, hint: str | None = None) -> PatchError:
+        return PatchError(message, where=f"{self.where}:{line}", hint=hint)
+
+    def path(self, raw: bytes, line: int) -> str | None:
+        raw = _unquote(raw.split(b"\t", 1)[0].rstrip(b"\r\n"))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", "surrogateescape")
+        if text == NULL:
+            return None
+        # As git counts them: a leading '/' ends an empty first component, runs of '/' are one.
+        first, *rest = text.split("/")
+        parts = [first, *(p for p in rest if p)]
+        if len(parts) <= self.strip:
+            raise self.error(f"path '{text}' has fewer than {self.strip + 1} components for -p{self.strip}", line,
+                             hint="set the series' strip level (strip = N or '-pN' in the series file)")
+        parts = [p for p in parts[self.strip:] if p]
+        if text.startswith("/") and self.strip == 0:
+            raise self.error(f"absolute path '{text}' in patch", line, hint="patches must name paths inside the tree")
+        if any(p in ("..", ".") for p in parts) or any(p == ".git" for p in parts):
+            raise self.error(f"path '{text}' leaves the tree or enters .git", line,
+                             hint="patches may only touch files inside their source")
+        full = "/".join(parts)
+        return f"{self.directory}/{full}" if self.directory else full
+
+    def header_crlf(self, line_no: int, raw: bytes) -> None:
+        if raw.endswith(b"\r\n"):
+            raise self.error("patch has CRLF line endings in its diff headers", line_no,
+                             hint="the file was converted to DOS line endings; restore it with dos2unix")
+
+    def parse(self) -> list[FileDiff]:
+        files: list[FileDiff] = []
+        n = len(self.lines)
+        while self.i < n:
+            raw = self.lines[self.i]
+            if raw.startswith(b"diff --git "):
+                self.header_crlf(self.i + 1, raw)
+                files.append(self.git_diff())
+            elif raw.startswith(b"--- ") and self.i + 1 < n and self.lines[self.i + 1].startswith(b"+++ "):
+                self.header_crlf(self.i + 1, raw)
+                start = self.i + 1
+                old = self.path(raw[4:], start)
+                new = self.path(self.lines[self.i + 1][4:], start + 1)
+                self.i += 2
+                hunks = self.hunks()
+                if not hunks:
+                    raise self.error("file header without hunks", start)
+                files.append(FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start))
+            elif raw.startswith(b"@@ "):
+                raise self.error("hunk without a file header ('--- a/…' and '+++ b/…')", self.i + 1)
+            else:
+                self.i += 1
+        return files
+
+    def git_diff(self) -> FileDiff:
+        start = self.i + 1
+        names = _split_git_names(self.lines[self.i][len(b"diff --git "):].rstrip(b"\r\n"))
+        if names is None:
+            raise self.error("cannot read the file names of this 'diff --git' line", start)
+        old = self.path(names[0], start)
+        new = self.path(names[1], start)
+        info: dict[str, object] = {}
+        self.i += 1
+        n = len(self.lines)
+        while self.i < n:
+            raw = self.lines[self.i].rstrip(b"\n")
+            if raw.startswith((b"diff --git ", b"@@ ")) or raw.startswith(b"--- "):
+                break
+            if raw.startswith(b"old mode "):
+                info["old_mode"] = raw[9:].decode()
+            elif raw.startswith(b"new mode "):
+                info["new_mode"] = raw[9:].decode()
+            elif raw.startswith(b"deleted file mode "):
+                info["old_mode"] = raw[18:].decode()
+                info["deleted"] = True
+            elif raw.startswith(b"new file mode "):
+                info["new_mode"] = raw[14:].decode()
+                info["created"] = True
+            elif raw.startswith(b"rename from "):
+                info["rename"] = True
+                old = self._plain(raw[12:], self.i + 1)
+            elif raw.startswith(b"rename to "):
+                new = self._plain(raw[10:], self.i + 1)
+            elif raw.startswith(b"copy from "):
+                info["copy"] = True
+                old = self._plain(raw[10:], self.i + 1)
+            elif raw.startswith(b"copy to "):
+                new = self._plain(raw[8:], self.i + 1)
+            elif m := INDEX_RE.match(raw):
+                info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
+                if m.group(3):
+                    info.setdefault("old_mode", m.group(3).decode())
+                    info.setdefault("new_mode", m.group(3).decode())
+            elif raw.startswith(b"GIT binary patch") or (raw.startswith(b"Binary files ") and raw.endswith(b" differ")):
+                info["binary"] = True
+                if raw.startswith(b"Binary files "):
+                    raise self.error(
+                        "binary change without its content ('Binary files … differ')", self.i + 1,
+                        hint="re-create the patch with 'git diff --binary' or 'git format-patch' (which include it)",
+                    )
+                self.i += 1
+                while self.i < n and not self.lines[self.i].startswith(b"diff --git "):
+                    if self.lines[self.i].strip() == b"-- " or self.lines[self.i] == b"-- \n":
+                        break
+                    self.i += 1
+                break
+            elif raw.startswith((b"similarity index", b"dissimilarity index")):
+                pass
+            elif raw.strip() == b"" or raw.startswith(b"-- "):
+                break
+            else:
+                break
+            self.i += 1
+        hunks: list[Hunk] = []
+        if self.i < n and self.lines[self.i].startswith(b"--- "):
+            self.header_crlf(self.i + 1, self.lines[self.i])
+            if self.i + 1 >= n or not self.lines[self.i + 1].startswith(b"+++ "):
+                raise self.error("'---' line without a '+++' line", self.i + 1)
+            self.i += 2
+            hunks = self.hunks()
+        if info.get("created"):
+            old = None
+        if info.get("deleted"):
+            new = None
+        return FileDiff(
+            old_path=old,
+            new_path=new,
+            hunks=tuple(hunks),
+            old_mode=info.get("old_mode"),  # type: ignore[arg-type]
+            new_mode=info.get("new_mode"),  # type: ignore[arg-type]
+            old_blob=info.get("old_blob"),  # type: ignore[arg-type]
+            new_blob=info.get("new_blob"),  # type: ignore[arg-type]
+            rename=bool(info.get("rename")),
+            copy=bool(info.get("copy")),
+            binary=bool(info.get("binary")),
+            line=start,
+        )
+
+    def _plain(self, raw: bytes, line: int) -> str | None:
+        """rename/copy lines carry names without the a/ b/ prefix: strip one level less."""
+        saved = self.strip
+        self.strip = max(0, saved - 1)
+        try:
+            return self.path(raw, line)
+        finally:
+            self.strip = saved
+
+    def hunks(self) -> list[Hunk]:
+        hunks: list[Hunk] = []
+        n = len(self.lines)
+        while self.i < n and self.lines[self.i].startswith(b"@@ "):
+            line_no = self.i + 1
+            self.header_crlf(line_no, self.lines[self.i])
+            m = HUNK_RE.match(self.lines[self.i].rstrip(b"\n"))
+            if not m:
+                raise self.error("malformed hunk header", line_no, hint="expected '@@ -START,COUNT +START,COUNT @@'")
+            old_start, new_start = int(m.group(1)), int(m.group(3))
+            old_count = int(m.group(2)) if m.group(2) is not None else 1
+            new_count = int(m.group(4)) if m.group(4) is not None else 1
+            self.i += 1
+            body: list[bytes] = []
+            old_left, new_left = old_count, new_count
+            old_eof = new_eof = True
+            while old_left > 0 or new_left > 0:
+                if self.i >= n:
+                    raise self.error(f"hunk ends early: {old_left} old and {new_left} new lines missing", line_no,
+                                     hint="the patch is truncated or was edited by hand; re-create it")
+                raw = self.lines[self.i]
+                tag = raw[:1]
+                if raw in (b"\n", b"\r\n"):
+                    raw, tag = b" " + raw, b" "  # an empty context line whose space an editor removed
+                if tag == b" " and old_left > 0 and new_left > 0:
+                    old_left -= 1
+                    new_left -= 1
+                elif tag == b"-" and old_left > 0:
+                    old_left -= 1
+                elif tag == b"+" and new_left > 0:
+                    new_left -= 1
+                elif tag == b"\\":
+                    self.i += 1
+                    continue
+                else:
+                    raise self.error("hunk line does not match the counts of its header", self.i + 1,
+                                     hint="the patch was edited by hand; re-create it or fix the @@ counts")
+                body.append(raw)
+                self.i += 1
+                if self.i < n and self.lines[self.i].startswith(b"\\"):
+                    # "\ No newline at end of file" marks the line before it, on its side(s).
+                    if tag in (b" ", b"-"):
+                        old_eof = False
+                    if tag in (b" ", b"+"):
+                        new_eof = False
+                    self.i += 1
+            hunks.append(Hunk(old_start, old_count, new_start, new_count, tuple(body), old_eof, new_eof, line_no))
+        return hunks
+
+
+def parse_header(data: bytes) -> tuple[Header, bool]:
+    """A format-patch mail's author, date and message, or a quilt header's free text."""
+    first_diff = len(data)
+    for marker in (b"\ndiff --git ", b"\n--- ", b"\nIndex: "):
+        pos = data.find(marker)
+        if pos != -1:
+            first_diff = min(first_diff, pos + 1)
+    if data.startswith((b"diff --git ", b"--- ", b"Index: ")):
+        first_diff = 0
+    head = data[:first_diff]
+    if MAIL_FROM_RE.match(head) or head.startswith((b"From: ", b"Subject: ")):
+        return _parse_mail(head), True
+    text = head.decode("utf-8", "replace").strip()
+    subject, _, body = text.partition("\n")
+    return Header(subject=subject.strip(), body=body.strip()), False
+
+
+def _parse_mail(head: bytes) -> Header:
+    if MAIL_FROM_RE.match(head):
+        head = head.split(b"\n", 1)[1] if b"\n" in head else b""
+    msg = BytesHeaderParser().parsebytes(head)
+    payload = head.split(b"\n\n", 1)[1] if b"\n\n" in head else b""
+    # format-patch puts the diffstat after a '---' line; the message ends there.
+    body_lines = []
+    for line in payload.decode("utf-8", "replace").splitlines():
+        if line == "---":
+            break
+        body_lines.append(line)
+    subject = str(make_header(decode_header(msg.get("Subject", "")))).replace("\n", " ")
+    subject = re.sub(r"\s+", " ", re.sub(r"^\[PATCH[^\]]*\]\s*", "", subject)).strip()
+    name, email = parseaddr(str(make_header(decode_header(msg.get("From", "")))))
+    date = None
+    if msg.get("Date"):
+        try:
+            dt = parsedate_to_datetime(msg["Date"])
+            offset = dt.utcoffset()
+            minutes = int(offset.total_seconds() // 60) if offset else 0
+            sign = "-" if minutes < 0 else "+"
+            date = f"{int(dt.timestamp())} {sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+        except (TypeError, ValueError):
+            date = None
+    return Header(subject=subject, body="\n".join(body_lines).strip(), author=name or None, email=email or None, date=date)
+
+
+def parse_patch(data: bytes, *, series: str, name: str, where: str, strip: int = 1, directory: str = "",
+                encoding: str = "", path: Path | None = None, url: str | None = None) -> Patch:
+    if not data.strip():
+        raise PatchError("patch is empty", where=where, hint="remove it from the series or fill it")
+    if b"\0" in data[:8000] and not data.startswith(b"From "):
+        raise PatchError("patch file is binary, not a diff", where=where,
+                         hint="if it is compressed, give it a .gz/.b64/.gz.b64 name")
+    files = _Parser(data, where, strip, directory).parse()
+    if not files:
+        raise PatchError("patch contains no diff", where=where,
+                         hint="a patch needs at least one '--- a/…' / '+++ b/…' section; check the file or its encoding")
+    header, mail = parse_header(data)
+    return Patch(series=series, name=name, data=data, sha256=sha256(data), encoding=encoding, files=tuple(files),
+                 header=header, strip=strip, directory=directory, path=path, url=url, mail=mail)
+
+
+def read_patch_file(path: Path, *, series: str, name: str, strip: int = 1, directory: str = "",
+                    expect_sha256: str | None = None, url: str | None = None) -> Patch:
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PatchError(f"cannot read patch: {exc.strerror}", where=where,
+                         hint="check the series file names an existing file") from None
+    enc = encoding_of(name if url else path.name)
+    data = decode(raw, enc, where)
+    digest = sha256(data)
+    if expect_sha256 and digest != expect_sha256:
+        raise PatchError(
+            f"sha256 of the decoded patch is {digest}, expected {expect_sha256}",
+            where=url or where,
+            hint="the file changed upstream or in transit; verify the source and update the pinned sha256 only if you trust it",
+        )
+    return parse_patch(data, series=series, name=name, where=url or where, strip=strip, directory=directory,
+                       encoding=enc, path=path, url=url)
+

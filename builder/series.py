@@ -1,0 +1,164 @@
+"""Quilt series files, remote patches, and the ordered patches of a stack.
+
+A series file lists one patch per line, optionally followed by `-pN`; `#` starts a comment.
+Remote patches (URL + sha256 of the decoded bytes) are fetched once into the cache and verified
+on every use, through the mirror map, so an offline host can serve them from a local folder.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, PatchRef, ResolvedStack, Series
+from .errors import PatchError, SeriesError
+from .fsutil import atomic_write
+from .patches import Patch, decode, encoding_of, read_patch_file, sha256
+from .settings import Settings
+
+STRIP_RE = re.compile(r"^-p(\d+)$")
+
+
+@dataclass(frozen=True)
+class SeriesEntry:
+    name: str
+    strip: int | None
+    line: int
+
+
+def parse_series_text(text: str, where: str) -> list[SeriesEntry]:
+    entries: list[SeriesEntry] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].split("\t#", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        name, *opts = line.split()
+        strip = None
+        for opt in opts:
+            m = STRIP_RE.match(opt)
+            if not m:
+                raise SeriesError(f"unknown option '{opt}' after {name}", where=f"{where}:{number}",
+                                  hint="quilt series lines take only '-pN'")
+            strip = int(m.group(1))
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise SeriesError(f"'{name}' must be a path inside the patch folder", where=f"{where}:{number}")
+        if name in seen:
+            raise SeriesError(f"'{name}' is listed twice (first on line {seen[name]})", where=f"{where}:{number}",
+                              hint="remove the duplicate line")
+        seen[name] = number
+        entries.append(SeriesEntry(name, strip, number))
+    return entries
+
+
+def read_series_file(series: Series) -> list[SeriesEntry]:
+    path = series.series_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SeriesError(f"series '{series.name}' has no series file", where=str(path),
+                          hint=f"create {path} listing its patches, or list them in stack.toml as patches = [...]") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SeriesError(f"cannot read series file: {exc}", where=str(path)) from None
+    return parse_series_text(text, str(path))
+
+
+def series_refs(series: Series) -> list[PatchRef]:
+    """The entries of a series, from stack.toml's inline list or the quilt series file."""
+    if series.inline is not None:
+        return list(series.inline)
+    return [
+        PatchRef(name=e.name, strip=e.strip, where=f"{series.series_file}:{e.line}")
+        for e in read_series_file(series)
+    ]
+
+
+def unused_patch_files(series: Series) -> list[str]:
+    """Files in the patch folder that no series entry names: usually a forgotten or stale patch."""
+    if not series.patch_dir.is_dir():
+        return []
+    named = {r.name for r in series_refs(series) if not r.remote}
+    found = []
+    for path in sorted(series.patch_dir.rglob("*")):
+        rel = path.relative_to(series.patch_dir).as_posix()
+        if path.is_file() and rel != "series" and not rel.startswith(".") and rel not in named:
+            found.append(rel)
+    return found
+
+
+def _is_local(target: str) -> bool:
+    scheme = urllib.parse.urlparse(target).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # a Windows drive letter is not a scheme
+
+
+def fetch_remote(settings: Settings, ref: PatchRef) -> Path:
+    """The cached raw file of a remote patch; fetched on first use, verified by the caller."""
+    assert ref.url and ref.sha256
+    cached = settings.patch_cache / ref.sha256 / Path(ref.name).name
+    if cached.is_file():
+        return cached
+    target = settings.rewrite(ref.url)
+    try:
+        if _is_local(target):
+            raw = Path(urllib.parse.urlparse(target).path if target.startswith("file:") else target).read_bytes()
+        else:
+            with urllib.request.urlopen(target, timeout=120) as response:  # noqa: S310 (URLs come from stack.toml)
+                raw = response.read()
+    except (OSError, ValueError) as exc:
+        raise PatchError(f"cannot fetch remote patch from {target}: {exc}", where=ref.where,
+                         hint="check the network, or map the URL to a local copy with [mirrors] / STACKBUILD_MIRRORS") from None
+    data = decode(raw, encoding_of(ref.name), ref.url)
+    if sha256(data) != ref.sha256:
+        raise PatchError(
+            f"remote patch {ref.url} has sha256 {sha256(data)} after decoding, expected {ref.sha256}",
+            where=ref.where,
+            hint="refused: the file is not the one pinned; check the URL/mirror, update the sha256 only if you trust it",
+        )
+    atomic_write(cached, raw)
+    return cached
+
+
+def load_series(settings: Settings, series: Series) -> tuple[Patch, ...]:
+    patches = []
+    for ref in series_refs(series):
+        strip = ref.strip if ref.strip is not None else series.strip
+        if ref.remote:
+            path = fetch_remote(settings, ref)
+            patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory,
+                                    expect_sha256=ref.sha256, url=ref.url)
+        else:
+            path = series.patch_dir / ref.name
+            if not path.is_file():
+                raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
+                                  hint="fix the name, or add the file")
+            patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory)
+        patches.append(patch)
+    return tuple(patches)
+
+
+def load_stack_patches(settings: Settings, config: Config, stack: ResolvedStack) -> dict[str, tuple[Patch, ...]]:
+    """Every source of the stack with its patches in apply order (series order, then file order)."""
+    out: dict[str, list[Patch]] = {s.name: [] for s in stack.sources}
+    for series in stack.series:
+        out[series.source].extend(load_series(settings, series))
+    return {name: tuple(p) for name, p in out.items()}
+
+
+def rewrite_series_file(series: Series, renames: dict[str, str], drop: set[str] = frozenset()) -> None:
+    """Rename or drop entries in place, keeping comments, blank lines and options."""
+    path = series.series_file
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    out = []
+    for raw in lines:
+        stripped = raw.split(" #", 1)[0].strip()
+        name = stripped.split()[0] if stripped and not stripped.startswith("#") else None
+        if name in drop:
+            continue
+        if name in renames:
+            raw = raw.replace(name, renames[name], 1)
+        out.append(raw)
+    atomic_write(path, "".join(out).encode())
+

@@ -1,0 +1,149 @@
+"""Upstream sources: one bare mirror per source in the cache, holding just the pinned commits.
+
+Git sources fetch their pin by SHA (falling back to all branches and tags for servers that refuse
+fetching by SHA); the pin is kept alive by a ref under refs/stackbuild/pins/. Archive and PyPI
+sources are imported as one deterministic commit by `archives.import_archive`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Source
+from .errors import SourceError
+from .fsutil import locked
+from .git import base_env, git, out
+from .settings import Settings
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Synced:
+    source: Source
+    git_dir: Path
+    commit: str
+    fetched: bool
+
+
+def mirror_path(settings: Settings, source: Source) -> Path:
+    digest = hashlib.sha256(source.location.encode()).hexdigest()[:10]
+    return settings.mirror_dir / f"{source.name}-{digest}.git"
+
+
+def has_commit(git_dir: Path, sha: str) -> bool:
+    return git(["cat-file", "-e", f"{sha}^{{commit}}"], git_dir=git_dir, check=False).returncode == 0
+
+
+def _init_mirror(git_dir: Path) -> None:
+    if not (git_dir / "HEAD").is_file():
+        git_dir.parent.mkdir(parents=True, exist_ok=True)
+        git(["init", "--bare", "-q", str(git_dir)])
+        # Worktrees of a bare mirror must not inherit a user's hooks or auto-gc mid-transaction.
+        git(["config", "gc.auto", "0"], git_dir=git_dir)
+        git(["config", "core.hooksPath", "/dev/null"], git_dir=git_dir)
+
+
+def _fetch(git_dir: Path, url: str, refspecs: list[str], progress: bool) -> subprocess.CompletedProcess:
+    args = ["git", f"--git-dir={git_dir}", "fetch", "--no-tags", "--no-write-fetch-head"]
+    if progress:
+        args.append("--progress")
+    args += [url, *refspecs]
+    return subprocess.run(args, env=base_env(), stdout=subprocess.DEVNULL,
+                          stderr=None if progress else subprocess.PIPE)
+
+
+def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, progress: bool = False) -> str:
+    """Resolve REF in the mirror, fetching it from the source's URL when the mirror lacks it."""
+    for candidate in (ref, f"refs/stackbuild/refs/{ref}"):
+        found = git(["rev-parse", "--verify", "-q", f"{candidate}^{{commit}}"], git_dir=git_dir, check=False)
+        if found.returncode == 0:
+            return found.stdout.decode().strip()
+    if source.kind != "git":
+        raise SourceError(f"'{ref}' is not a commit of source '{source.name}'", where=f"sources.{source.name}",
+                          hint="an archive source only knows its imported commit; give a commit SHA of the mirror")
+    remote = ref.split("/", 1)[1] if ref.startswith("origin/") else ref
+    url = settings.rewrite(source.url or "")
+    proc = _fetch(git_dir, url, [f"+{remote}:refs/stackbuild/refs/{ref}"], progress)
+    if proc.returncode != 0:
+        raise SourceError(f"cannot fetch '{ref}' of source '{source.name}' from {url}", where=f"sources.{source.name}",
+                          hint="check the ref name (branch, tag or SHA) and the network or mirror map")
+    return out(["rev-parse", f"refs/stackbuild/refs/{ref}^{{commit}}"], git_dir=git_dir)
+
+
+def sync(settings: Settings, source: Source, *, progress: bool = False) -> Synced:
+    """Make sure the mirror holds the pin. Cheap when it already does: one `cat-file -e`."""
+    if source.kind != "git":
+        from .archives import import_archive  # archive imports need the build tooling only then
+
+        git_dir, commit = import_archive(settings, source)
+        return Synced(source, git_dir, commit, fetched=False)
+    git_dir = mirror_path(settings, source)
+    sha = str(source.commit)
+    if (git_dir / "HEAD").is_file() and has_commit(git_dir, sha):
+        return Synced(source, git_dir, sha, fetched=False)
+    with locked(settings.mirror_dir / f".{git_dir.name}.lock", f"the mirror of '{source.name}'"):
+        _init_mirror(git_dir)
+        if not has_commit(git_dir, sha):
+            url = settings.rewrite(str(source.url))
+            if progress:
+                print(f"fetching {source.name} {sha[:12]} from {url}", file=sys.stderr)
+            proc = _fetch(git_dir, url, [f"+{sha}:refs/stackbuild/pins/{sha}"], progress)
+            if proc.returncode != 0 or not has_commit(git_dir, sha):
+                # Some servers refuse to serve a SHA that is not a ref tip: take the refs instead.
+                _fetch(git_dir, url, ["+refs/heads/*:refs/stackbuild/heads/*", "+refs/tags/*:refs/tags/*"], progress)
+            if not has_commit(git_dir, sha):
+                detail = ""
+                if proc.stderr:
+                    lines = proc.stderr.decode(errors="replace").strip().splitlines()
+                    detail = f": {lines[-1]}" if lines else ""
+                raise SourceError(
+                    f"commit {sha} of source '{source.name}' cannot be fetched from {url}{detail}",
+                    where=f"sources.{source.name}.commit",
+                    hint="check the URL and the pin, or map the URL to a local mirror with [mirrors] / STACKBUILD_MIRRORS",
+                )
+        git(["update-ref", f"refs/stackbuild/pins/{sha}", sha], git_dir=git_dir)
+    if source.submodules:
+        sync_submodules(settings, source, git_dir, sha, progress=progress)
+    return Synced(source, git_dir, sha, fetched=True)
+
+
+@dataclass(frozen=True)
+class Submodule:
+    path: str
+    url: str
+    commit: str
+
+
+def submodules_of(git_dir: Path, commit: str) -> list[Submodule]:
+    """The gitlinks of a commit with their URLs from its .gitmodules."""
+    modules = git(["show", f"{commit}:.gitmodules"], git_dir=git_dir, check=False)
+    if modules.returncode != 0:
+        return []
+    listed = git(["config", "--blob", f"{commit}:.gitmodules", "--get-regexp", r"^submodule\..*\.(path|url)$"],
+                 git_dir=git_dir, check=False).stdout.decode()
+    by_name: dict[str, dict[str, str]] = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition(" ")
+        m = re.match(r"^submodule\.(.*)\.(path|url)$", key)
+        if m:
+            by_name.setdefault(m.group(1), {})[m.group(2)] = value
+    links = {}
+    for line in out(["ls-tree", "-r", "-z", commit], git_dir=git_dir).split("\0"):
+        if line.startswith("160000 commit "):
+            meta, path = line.split("\t", 1)
+            links[path] = meta.split()[2]
+    return [Submodule(v["path"], v["url"], links[v["path"]]) for v in by_name.values()
+            if "path" in v and "url" in v and v["path"] in links]
+
+
+def sync_submodules(settings: Settings, source: Source, git_dir: Path, commit: str, *, progress: bool = False) -> None:
+    for sub in submodules_of(git_dir, commit):
+        child = Source(name=f"{source.name}.{Path(sub.path).name}", kind="git", url=sub.url, commit=sub.commit)
+        sync(settings, child, progress=progress)
