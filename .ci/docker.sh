@@ -13,12 +13,8 @@ _sb_docker_setup() {
         apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
     fi
 
-    # Debian's docker.io ships its own client; prefer it over a newer one that wants buildx.
-    if [ -x /usr/bin/docker ]; then
-        hash -r
-        alias docker=/usr/bin/docker 2>/dev/null || true
-    fi
-
+    # Debian's docker.io client (/usr/bin/docker) works with the legacy builder; a newer client
+    # earlier on PATH may want a buildx plugin Debian does not ship, so call this one by path.
     if ! /usr/bin/docker info >/dev/null 2>&1; then
         nohup dockerd >"$log" 2>&1 </dev/null &
         started=$(date +%s)

@@ -27,8 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-from . import __version__, archives, engine as engines
-from .config import Config, ResolvedStack, Source, Where, thaw
+from . import __version__, engine as engines
+from .config import Config, ResolvedStack, Source, Where
 from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
 from .settings import Settings
 
@@ -287,90 +287,38 @@ def redact(env: Mapping[str, str]) -> dict[str, str]:
     return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in sorted(env.items())}
 
 
-# ---------------------------------------------------------------- applying (until apply.materialize)
+# ---------------------------------------------------------------- stack inputs
 
 
-def _git(git_dir: Path, args: list[str], *, env: Mapping[str, str] | None = None, input: bytes | None = None) -> str:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    full.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_DIR": str(git_dir)})
-    full.update(env or {})
-    proc = subprocess.run(["git", *args], env=full, input=input, capture_output=True)
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise BuildError(f"git {args[0]} failed: {err[-1] if err else proc.returncode}", where=str(git_dir))
-    return proc.stdout.decode().strip()
+def _patch_inputs(patches) -> tuple[PatchInput, ...]:
+    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory) for p in patches)
 
 
-def apply_patches(item: BuildInput) -> str:
-    """The commit of base + patches, built in a throwaway index (refs and worktrees untouched)."""
-    if item.commit:
-        return item.commit
-    if not item.patches:
-        return item.base
-    with tempfile.TemporaryDirectory(prefix="stackbuild-apply-") as tmp:
-        env = {**archives.IDENTITY, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        _git(item.git_dir, ["read-tree", item.base], env=env)
-        for patch in item.patches:
-            args = ["apply", "--cached", f"-p{patch.strip}"]
-            if patch.directory:
-                args.append(f"--directory={patch.directory}")
-            try:
-                _git(item.git_dir, args, env=env, input=patch.data)
-            except BuildError as exc:
-                raise BuildError(f"patch {patch.name} does not apply to {item.source.name}: {exc.message}",
-                                 where=f"source {item.source.name}", hint="run `stackbuild apply` to see the conflict") from None
-        tree = _git(item.git_dir, ["write-tree"], env=env)
-        return _git(item.git_dir, ["commit-tree", tree, "-p", item.base, "-m", f"stackbuild: {len(item.patches)} patches"], env=env)
+def stack_inputs(settings: Settings, cfg: Config, stack_name: str) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
+    """Pins and patch bytes of each source, without applying anything, and a resolver that
+    applies the whole stack (once, in memory) the first time a wheel really has to be built."""
+    from . import apply
+
+    prep = apply.prepare(settings, cfg, stack_name)
+    items = [BuildInput(src, prep.synced[src.name].git_dir, prep.synced[src.name].commit,
+                        _patch_inputs(prep.patches[src.name])) for src in prep.stack.sources]
+    applied: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def resolve(item: BuildInput) -> str:
+        with lock:
+            if not applied:
+                applied.update({n: a.commit for n, a in apply.materialize(settings, cfg, stack_name).items()})
+        return applied[item.source.name]
+
+    return items, resolve
 
 
-def _series_patches(cfg: Config, resolved: ResolvedStack, source: Source) -> tuple[PatchInput, ...]:
-    out: list[PatchInput] = []
-    for series in resolved.series_for(source.name):
-        names = ([r.name for r in series.inline] if series.inline is not None else
-                 [ln.split()[0] for ln in _series_lines(series.series_file)])
-        for name in names:
-            path = series.patch_dir / name
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise BuildError(f"cannot read patch: {exc.strerror}", where=str(path)) from None
-            out.append(PatchInput(f"{series.name}/{name}", _sha256(data), data, series.strip, series.directory))
-    return tuple(out)
-
-
-def _series_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BuildError(f"cannot read series file: {exc.strerror}", where=str(path)) from None
-    return [ln for ln in (l.split("#", 1)[0].strip() for l in text.splitlines()) if ln]
-
-
-def _git_source(settings: Settings, source: Source) -> Path:
-    git_dir = settings.cache_dir / "build-sources" / f"{source.name}.git"
-    have = subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "-e", f"{source.commit}^{{commit}}"],
-                          capture_output=True).returncode == 0 if git_dir.exists() else False
-    if not have:
-        if not git_dir.exists():
-            subprocess.run(["git", "init", "-q", "--bare", str(git_dir)], check=True)
-        proc = subprocess.run(["git", "--git-dir", str(git_dir), "fetch", "-q", settings.rewrite(str(source.url)),
-                               str(source.commit)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BuildError(f"cannot fetch {source.commit}: {proc.stderr.strip()}", where=f"sources.{source.name}",
-                             hint="check the URL and that the commit exists upstream")
-    return git_dir
-
-
-def stack_inputs(settings: Settings, cfg: Config, resolved: ResolvedStack) -> list[BuildInput]:
-    """Pins and patch bytes of each source, without applying anything."""
-    out = []
-    for source in resolved.sources:
-        if source.kind == "git":
-            git_dir, base = _git_source(settings, source), str(source.commit)
-        else:
-            git_dir, base = archives.import_archive(settings, source, cfg.root)
-        out.append(BuildInput(source, git_dir, base, _series_patches(cfg, resolved, source)))
-    return out
+def _given_commit(item: BuildInput) -> str:
+    if item.commit is None:
+        raise BuildError(f"no applied commit for {item.source.name}", where=f"source {item.source.name}",
+                         hint="pass commit= in BuildInput, or build the stack with build_stack")
+    return item.commit
 
 
 # ---------------------------------------------------------------- the build
@@ -535,6 +483,7 @@ def build_inputs(
     force: bool = False,
     log: Log = lambda _line: None,
     dist_dir: Path | None = None,
+    resolve: Callable[[BuildInput], str] = _given_commit,
 ) -> dict:
     """Builds (or takes from the cache) every source's wheel, then writes dist/<stack>/ with the
     wheels and manifest.json. Any failure raises before dist/ is touched."""
@@ -574,7 +523,7 @@ def build_inputs(
         try:
             with image_lock:
                 image = _ensure_image(eng, recipe, base_id, progress)
-            commit = apply_patches(job.item)
+            commit = resolve(job.item)
             tree = subprocess.run(["git", "--git-dir", str(job.item.git_dir), "archive", "--format=tar", commit],
                                   capture_output=True, check=True).stdout
             deps = [_cache_dir(settings, keys[n]) / w["file"] for n in job.spec.needs
@@ -776,8 +725,9 @@ def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls
     resolved = cfg.stack(stack_name)
     recipe = stack_recipe(cfg, resolved)
     specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
-    items = stack_inputs(settings, cfg, resolved)
-    return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force, log=log)
+    items, resolve = stack_inputs(settings, cfg, stack_name)
+    return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force,
+                        log=log, resolve=resolve)
 
 
 def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = ()) -> dict:
@@ -793,12 +743,14 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
     reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
     if reachable is not None:
         base_id = reachable.image_id(recipe.base)
+    from .series import load_stack_patches
+
+    loaded = load_stack_patches(settings, cfg, resolved)
     keys: dict[str, str] = {}
     steps = []
     for name in order:
         job = jobs[name]
-        patches = tuple(PatchInput(p.name, p.sha256, strip=p.strip, directory=p.directory)
-                        for p in _series_patches(cfg, resolved, job.item.source))
+        patches = _patch_inputs(loaded[name])
         item = BuildInput(job.item.source, Path(), job.item.source.pin, patches)
         keys[name] = cache_key(item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs])
         steps.append({

@@ -192,30 +192,6 @@ def test_needs_cycle_and_unknown_are_config_errors(tmp_path):
         B._topo(jobs)
 
 
-# ------------------------------------------------------------------ applying
-
-
-def test_apply_patches_makes_a_commit_without_touching_refs(tmp_path):
-    repo = tmp_path / "r"
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "f.txt").write_text("one\n")
-    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
-    subprocess.run(["git", "-C", str(repo), "commit", "-qm", "base"], check=True)
-    base = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    patch = b"--- a/f.txt\n+++ b/f.txt\n@@ -1 +1 @@\n-one\n+two\n"
-    it = B.BuildInput(Source("r", "git", url="x", commit=base), repo / ".git", base,
-                      (B.PatchInput("s/p.patch", hashlib.sha256(patch).hexdigest(), patch),))
-    commit = B.apply_patches(it)
-    shown = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:f.txt"], capture_output=True, text=True).stdout
-    assert shown == "two\n"
-    assert subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() == base
-    assert (repo / "f.txt").read_text() == "one\n"
-    bad = B.BuildInput(it.source, it.git_dir, base, (B.PatchInput("s/bad.patch", "0", patch.replace(b"-one", b"-zzz")),))
-    with pytest.raises(BuildError, match="bad.patch does not apply"):
-        B.apply_patches(bad)
-
-
 # ------------------------------------------------------------------ manifest and verify
 
 

@@ -124,11 +124,11 @@ recipe = "cpu"
 caches = {{ pip = "{root.parent / 'pip-cache'}" }}
 
 [sources.alpha]
-archive = "{alpha.name}"
+archive = "{alpha}"
 sha256 = "{alpha_sha}"
 
 [sources.beta]
-archive = "{beta.name}"
+archive = "{beta}"
 sha256 = "{beta_sha}"
 {beta_build}
 {extra_sources}
