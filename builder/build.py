@@ -535,9 +535,13 @@ def build_inputs(
                 path.mkdir(parents=True, exist_ok=True)
             if "ccache" in recipe.caches:
                 env = {"CCACHE_DIR": "/root/.cache/ccache", **env}
-            code, blob = eng.run(image, ["/bin/bash", f"{INSIDE}/build.sh"], env=env,
-                                 inputs=_input_tar(tree, script, recipe, deps), output=f"{INSIDE}/out",
-                                 log=progress, mounts=mounts)
+            try:
+                code, blob = eng.run(image, ["/bin/bash", f"{INSIDE}/build.sh"], env=env,
+                                     inputs=_input_tar(tree, script, recipe, deps), output=f"{INSIDE}/out",
+                                     log=progress, mounts=mounts, timeout=recipe.timeout)
+            except TimeoutError as exc:
+                raise BuildError(f"building {name} timed out: {exc}", where=str(progress.path),
+                                 hint="raise build.timeout, or lower MAX_JOBS if the host is swapping") from None
             if code != 0:
                 for line in [f"--- last {len(progress.tail)} lines of {progress.path} ---", *progress.tail]:
                     log(line)

@@ -41,6 +41,15 @@ class Engine:
     name: str
     url: str | None
     client: docker.DockerClient = field(repr=False)
+    _active: dict = field(default_factory=dict, repr=False)
+
+    def cancel(self) -> None:
+        """Removes the containers this process still runs here (Ctrl-C must not leave builds behind)."""
+        for container in list(self._active.values()):
+            try:
+                container.remove(force=True)
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                pass  # already gone, or the engine is: nothing left to clean here
 
     def version(self) -> dict:
         try:
@@ -106,9 +115,11 @@ class Engine:
         log: LogSink,
         mounts: Mapping[str, str] | None = None,
         workdir: str = "/",
+        timeout: float | None = None,
     ) -> tuple[int, bytes]:
         """Creates a container, copies `inputs` (a tar) into /, runs, streams the log, then copies
-        `output` out as a tar. Returns (exit code, tar bytes); the container is always removed."""
+        `output` out as a tar. Returns (exit code, tar bytes); the container is always removed.
+        After `timeout` seconds the container is killed and the result is TimeoutError."""
         volumes = {host: {"bind": inside, "mode": "rw"} for host, inside in (mounts or {}).items()}
         try:
             container = self.client.containers.create(
@@ -116,12 +127,27 @@ class Engine:
             )
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise _engine_error(self.name, f"cannot create a container from {image}", exc) from None
+        self._active[container.id] = container
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            try:
+                container.kill()
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                pass  # it ended on its own meanwhile
+        timer = threading.Timer(timeout, expire) if timeout else None
         try:
             if not container.put_archive("/", inputs):
                 raise EngineError("copying the inputs into the container failed", where=f"engine {self.name}")
             container.start()
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             _follow(container, log)
             code = int(container.wait().get("StatusCode", 1))
+            if expired.is_set():
+                raise TimeoutError(f"killed after {timeout:g} s")
             try:
                 bits, _stat = container.get_archive(output)
                 blob = b"".join(bits)
@@ -131,6 +157,9 @@ class Engine:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise _engine_error(self.name, f"container from {image} failed", exc) from None
         finally:
+            if timer is not None:
+                timer.cancel()
+            self._active.pop(container.id, None)
             try:
                 container.remove(force=True)
             except (docker.errors.DockerException, requests.exceptions.RequestException):
@@ -250,6 +279,13 @@ def schedule(
     threads = [threading.Thread(target=worker, args=pair, daemon=True) for pair in zip(engines, queues)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        for engine in engines:
+            if isinstance(engine, Engine):
+                engine.cancel()
+        raise
     return results

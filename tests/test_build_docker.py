@@ -353,3 +353,19 @@ def test_vllm_python_only_wheel_carries_the_patches(vllm_build):
 def test_vllm_rerun_is_a_cache_hit(vllm_build):
     assert vllm_build["again"]["summary"]["built"] == []
     assert vllm_build["again"]["digest"] == vllm_build["manifest"]["digest"]
+
+
+def test_build_timeout_kills_the_container(engine, env):
+    beta_build = """[sources.beta.build]
+command = "sleep 60"
+"""
+    stack_file = write_project(env / "p", beta_build=beta_build, extra_sources="[sources.alpha.build]\nskip = true\n")
+    stack_file.write_text(stack_file.read_text().replace('recipe = "cpu"', 'recipe = "cpu"\ntimeout = 3'))
+    t0 = time.monotonic()
+    with pytest.raises(BuildError, match="building beta timed out"):
+        build(stack_file)
+    assert time.monotonic() - t0 < 50
+    leftovers = engine.client.containers.list(all=True, filters={"ancestor": B.image_tag(
+        B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
+    assert leftovers == []
+    assert not (env / "dist" / "pair").exists()
