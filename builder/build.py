@@ -651,14 +651,11 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "engine": result.engine,
             })
             for wheel in result.wheels:
-                src = _cache_dir(settings, result.key) / wheel.file
-                dst = tmp / wheel.file
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
+                # A copy, not a hard link: editing a wheel in dist/ must not reach into the cache.
+                shutil.copyfile(_cache_dir(settings, result.key) / wheel.file, tmp / wheel.file)
                 manifest["wheels"].append({"source": result.source, "file": wheel.file, "name": wheel.name,
-                                           "version": wheel.version, "sha256": wheel.sha256})
+                                           "version": wheel.version, "sha256": wheel.sha256,
+                                           "size": (tmp / wheel.file).stat().st_size})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         old_dir = None
         if target.exists():
@@ -679,8 +676,12 @@ def _summary(done: Sequence[SourceResult], seconds: float, *, reused: bool) -> d
 
 
 def _quick_ok(folder: Path, manifest: dict) -> bool:
-    """Files present; `verify` is the full re-hash."""
-    return all((folder / w["file"]).is_file() for w in manifest.get("wheels", []))
+    """Files present with their recorded sizes; `verify` is the full re-hash."""
+    for wheel in manifest.get("wheels", []):
+        path = folder / wheel["file"]
+        if not path.is_file() or path.stat().st_size != wheel.get("size"):
+            return False
+    return True
 
 
 def verify(folder: Path) -> dict:

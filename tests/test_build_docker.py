@@ -249,6 +249,10 @@ def test_tampered_wheel_fails_verify(engine, env):
     result = CliRunner(mix_stderr=False).invoke(main, ["verify", str(dist)])
     assert result.exit_code == VerifyError.exit_code
     assert "the manifest says" in result.stderr
+    # The cache kept its own copy: a rerun restores dist/ without building.
+    again = build(stack_file)
+    assert again["summary"]["built"] == [] and not again["summary"]["dist_reused"]
+    assert B.verify(dist)["stack"] == "pair"
 
 
 def test_engine_down_fails_clearly(env):
