@@ -289,20 +289,17 @@ def author_line(patch: Patch) -> str:
 class Engine:
     """One replay of patches over one base commit in one repository."""
 
-    def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False):
+    def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False,
+                 paths: Iterable[str] = ()):
         self.git_dir = git_dir
         self.base = out(["rev-parse", f"{base}^{{commit}}"], git_dir=git_dir, error=ApplyError)
         self.head = self.base
         self.fuzz = fuzz
         self.cat = CatFile(git_dir)
         self.entries: dict[str, _Entry] = {}
-        listing = git(["ls-tree", "-r", "-z", "--full-tree", self.base], git_dir=git_dir).stdout
-        for item in listing.split(b"\0"):
-            if item:
-                meta, path = item.split(b"\t", 1)
-                mode, _kind, sha = meta.split()
-                self.entries[path.decode("utf-8", "surrogateescape")] = _Entry(mode.decode(), sha.decode())
-        self.dirs = {p.rsplit("/", 1)[0] for p in self.entries if "/" in p}
+        self.entries: dict[str, _Entry] = {}
+        self.dirs: set[str] = set()
+        self._list(paths)
         self.files: dict[str, _FileState] = {}
         self.pending: list[_PendingCommit] = []
         self.commits: dict[int, str] = {}  # id(patch) -> its commit, once written
@@ -310,6 +307,31 @@ class Engine:
 
     def close(self) -> None:
         self.cat.close()
+
+    def _list(self, paths: Iterable[str]) -> None:
+        """Modes and blobs of just the paths the patches name, and of every folder above them.
+
+        Listing a vLLM-size tree whole costs more than applying 200 patches; a listing by
+        pathspec also tells which prefixes are folders and which are symlinks.
+        """
+        specs: set[str] = set()
+        for path in paths:
+            parts = path.split("/")
+            specs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        ordered = sorted(specs)
+        for start in range(0, len(ordered), 1000):
+            chunk = ordered[start:start + 1000]
+            listing = git(["--literal-pathspecs", "ls-tree", "-z", "--full-tree", self.base, "--", *chunk],
+                          git_dir=self.git_dir).stdout
+            for item in listing.split(b"\0"):
+                if item:
+                    meta, raw = item.split(b"\t", 1)
+                    mode, _kind, sha = meta.split()
+                    path = raw.decode("utf-8", "surrogateescape")
+                    if mode == b"040000":
+                        self.dirs.add(path)
+                    else:
+                        self.entries[path] = _Entry(mode.decode(), sha.decode())
 
     # -- reading the current tree
 
@@ -360,6 +382,12 @@ class Engine:
                 if self._state(str(diff.new_path), writes) is not None or diff.new_path in self.dirs:
                     failed.append(FailedHunk(str(diff.new_path), 0, "", diff.line, "file already exists"))
                     continue
+                parts = str(diff.new_path).split("/")
+                blocking = next((q for q in ("/".join(parts[:i]) for i in range(1, len(parts)))
+                                 if self._state(q, writes) is not None), None)
+                if blocking:
+                    failed.append(FailedHunk(str(diff.new_path), 0, "", diff.line, f"'{blocking}' is a file"))
+                    continue
                 old = _FileState(diff.new_mode or "100644", [], [])
             elif diff.rename and diff.new_path and self._state(diff.new_path, writes) is not None:
                 failed.append(FailedHunk(diff.new_path, 0, "", diff.line, "rename target already exists"))
@@ -396,6 +424,7 @@ class Engine:
                 entry = _Entry(state.mode, None, b"".join(state.lines))
                 self.entries[path] = entry
                 changes[path] = entry
+                self._add_dirs(path)
         self._queue(patch, changes)
 
     def _queue(self, patch: Patch, changes: dict[str, _Entry | None]) -> None:
@@ -480,7 +509,12 @@ class Engine:
                 self.entries.pop(path, None)
             else:
                 self.entries[path] = entry
+                self._add_dirs(path)
         self._queue(patch, changes)
+
+    def _add_dirs(self, path: str) -> None:
+        parts = path.split("/")
+        self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
     # -- the public step
 
@@ -524,7 +558,7 @@ class Engine:
 def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0, stop_at_failure: bool = True,
            overlaps: bool = False, fuzz_for: Callable[[Patch], int] | None = None) -> Replay:
     """Apply PATCHES over BASE as commits, in memory; only objects are written, no ref moves."""
-    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps)
+    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps, paths={p for patch in patches for p in patch.paths})
     try:
         results: list[PatchResult] = []
         for patch in patches:

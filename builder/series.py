@@ -139,6 +139,26 @@ def load_series(settings: Settings, series: Series) -> tuple[Patch, ...]:
     return tuple(patches)
 
 
+def describe_series(settings: Settings, series: Series) -> list[dict]:
+    """Each entry of a series as a listing shows it; remote patches are not fetched for this."""
+    rows = []
+    for ref in series_refs(series):
+        if ref.remote:
+            cached = settings.patch_cache / str(ref.sha256) / Path(ref.name).name
+            rows.append({"name": ref.name, "url": ref.url, "sha256": ref.sha256, "remote": True,
+                         "cached": cached.is_file(), "encoding": encoding_of(ref.name)})
+            continue
+        path = series.patch_dir / ref.name
+        if not path.is_file():
+            raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
+                              hint="fix the name, or add the file")
+        patch = read_patch_file(path, series=series.name, name=ref.name,
+                                strip=ref.strip if ref.strip is not None else series.strip, directory=series.directory)
+        rows.append({"name": ref.name, "sha256": patch.sha256, "remote": False, "encoding": patch.encoding,
+                     "files": len(patch.files), "subject": patch.header.subject})
+    return rows
+
+
 def load_stack_patches(settings: Settings, config: Config, stack: ResolvedStack) -> dict[str, tuple[Patch, ...]]:
     """Every source of the stack with its patches in apply order (series order, then file order)."""
     out: dict[str, list[Patch]] = {s.name: [] for s in stack.sources}

@@ -303,3 +303,63 @@ def test_dirty_worktree_is_never_overwritten(project, upstream: Upstream):
     assert (root / "work/demo/up/a.txt").read_text() == "my unsaved work\n"
     run(root, "apply", "demo", "--force", ok=True)
     assert (root / "work/demo/up/a.txt").read_text() == body(l5="FIVE")
+
+
+def test_two_patches_sharing_hunks_merge_three_way(tmp_path: Path, upstream: Upstream):
+    """The lab's shape: the CPU-KV prototype carries the promoted bundle's hunks in scheduler.py.
+
+    On top of the bundle a plain apply of the prototype fails on that file; the three-way merge
+    with the blobs named in its index lines succeeds, and the other files apply as they are.
+    """
+    sched = "".join(f"    step {i}\n" for i in range(1, 61))
+    pin = upstream.commit({"vllm/v1/core/sched/scheduler.py": sched, "vllm/worker.py": "w\n" * 20}, "base")
+    shared = {"vllm/v1/core/sched/scheduler.py": sched.replace("    step 20\n", "    step 20  # promoted\n")}
+    bundle = upstream.format_patch({**shared, "vllm/other.py": "bundle\n"}, "promoted bundle")
+    prototype = upstream.format_patch({**shared, "vllm/worker.py": "w\n" * 19 + "cpu kv\n"}, "cpu-kv prototype")
+    root = tmp_path / "lab"
+    write_project(root, f"""
+[sources.vllm]
+url = "{upstream.path}"
+commit = "{pin}"
+[series.promoted-vllm]
+source = "vllm"
+[series.cpu-kv]
+source = "vllm"
+[stacks.baseline]
+series = ["promoted-vllm"]
+[stacks.cpu-kv]
+extends = "baseline"
+series = ["cpu-kv"]
+""", {"patches/promoted-vllm/series": "bundle.patch\n", "patches/promoted-vllm/bundle.patch": bundle,
+      "patches/cpu-kv/series": "proto.patch\n", "patches/cpu-kv/proto.patch": prototype})
+    code, out, _ = run(root, "--json", "check", "cpu-kv", "--format", "json")
+    assert code == 0, out
+    assert outcomes(json.loads(out)[0]) == ["clean", "3way"]
+    run(root, "apply", "cpu-kv", ok=True)
+    wt = root / "work/cpu-kv/vllm"
+    assert (wt / "vllm/v1/core/sched/scheduler.py").read_text() == shared["vllm/v1/core/sched/scheduler.py"]
+    assert (wt / "vllm/worker.py").read_text().endswith("cpu kv\n")
+
+
+def test_new_file_under_a_file_or_over_a_folder_conflicts(project, upstream: Upstream):
+    upstream.commit({"dir/inner.txt": "x\n"}, "a folder")
+    pin = upstream.head()
+    under_file = b"diff --git a/b.txt/x b/b.txt/x\nnew file mode 100644\n--- /dev/null\n+++ b/b.txt/x\n@@ -0,0 +1 @@\n+x\n"
+    over_dir = b"diff --git a/dir b/dir\nnew file mode 100644\n--- /dev/null\n+++ b/dir\n@@ -0,0 +1 @@\n+x\n"
+    root = project({"under.patch": under_file, "over.patch": over_dir}, commit=pin)
+    code, report = check_json(root)
+    assert code == 6 and outcomes(report) == ["conflict", "conflict"]
+    reasons = [p["failed"][0]["reason"] for p in report["sources"][0]["patches"]]
+    assert reasons == ["'b.txt' is a file", "file already exists"]
+
+
+def test_check_at_a_branch_fetches_it(project, upstream: Upstream):
+    root = project({"one.patch": upstream.diff({"a.txt": body(l5="five")})})
+    run(root, "sources", "sync", ok=True)
+    newer = upstream.commit({"a.txt": "top\n" + LINES}, "upstream moves on main")
+    code, report = check_json(root, "--at", "origin/main")
+    assert code == 0 and outcomes(report) == ["offset"] and report["sources"][0]["base"] == newer
+    code, report = check_json(root, "--at", f"up={project.pin}")
+    assert code == 0 and outcomes(report) == ["clean"]
+    code, out, _ = run(root, "--json", "check", "--at", "origin/no-such-branch")
+    assert code == 5 and "cannot fetch 'origin/no-such-branch'" in json.loads(out)["message"]

@@ -10,7 +10,7 @@ import click
 from .. import apply as engine
 from ..errors import ApplyError, ConfigError
 from ..report import console, junit, patch_table, simple_table
-from ..series import load_series, unused_patch_files
+from ..series import describe_series, unused_patch_files
 from ..sources import sync
 from . import Context, emit, fail, json_option, main, pass_ctx, run
 
@@ -58,11 +58,9 @@ def series_cmd(ctx: Context) -> None:
         settings = ctx.settings(config)
         out = {"series": [], "stacks": []}
         for s in config.series.values():
-            patches = load_series(settings, s)
             out["series"].append({
                 "name": s.name, "source": s.source, "directory": s.directory, "strip": s.strip, "fuzz": s.fuzz,
-                "patches": [{"name": p.name, "sha256": p.sha256, "encoding": p.encoding, "remote": p.url is not None,
-                             "files": len(p.files)} for p in patches],
+                "patches": describe_series(settings, s),
                 "unused_files": unused_patch_files(s) if s.inline is None else [],
             })
 
