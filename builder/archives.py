@@ -1,0 +1,231 @@
+"""Sources that are release archives: a tar/zip by URL or path, or a PyPI sdist.
+
+Each archive becomes ONE git commit with a fixed identity and date, made from the unpacked tree
+(a single top-level folder stripped), so the same archive always gives the same commit SHA and
+patches apply to it like to any git source. Imports are cached by the archive's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+from .config import PYPI_PIN_RE, Source
+from .errors import SourceError
+from .settings import Settings
+
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "stackbuild",
+    "GIT_AUTHOR_EMAIL": "stackbuild@invalid",
+    "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z",
+    "GIT_COMMITTER_NAME": "stackbuild",
+    "GIT_COMMITTER_EMAIL": "stackbuild@invalid",
+    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
+}
+CHUNK = 1 << 20
+
+
+def _git(args: list[str], *, env: dict | None = None, input: bytes | None = None) -> str:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    full.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull})
+    full.update(env or {})
+    proc = subprocess.run(["git", *args], env=full, input=input, capture_output=True)
+    if proc.returncode != 0:
+        raise SourceError(
+            f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}",
+            hint="check disk space and that git is installed",
+        )
+    return proc.stdout.decode().strip()
+
+
+def pip_setting(name: str) -> str | None:
+    """A pip setting as pip itself would see it: PIP_* environment first, then `pip config`."""
+    env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = None
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.rsplit(".", 1)[-1] == name:
+            found = value.strip().strip("'\"")  # later lines (more specific scopes) win, like pip
+    return found
+
+
+def ca_bundle() -> str | bool:
+    """The CA bundle pip is configured with, else the system's, else requests' own."""
+    for candidate in (os.environ.get("REQUESTS_CA_BUNDLE"), os.environ.get("SSL_CERT_FILE"), pip_setting("cert")):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return True
+
+
+def index_url() -> str:
+    from pypi_simple import PYPI_SIMPLE_ENDPOINT
+
+    return pip_setting("index-url") or PYPI_SIMPLE_ENDPOINT
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path, sha256: str, what: str) -> Path:
+    """Fetches to a temp file beside `dest` and renames only after the hash checked out."""
+    if dest.is_file() and _sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    parsed = urlparse(url)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if parsed.scheme in ("", "file"):
+                with open(parsed.path if parsed.scheme else url, "rb") as src:
+                    shutil.copyfileobj(src, out, CHUNK)
+            else:
+                with requests.get(url, stream=True, timeout=120, verify=ca_bundle()) as resp:
+                    resp.raise_for_status()
+                    for block in resp.iter_content(CHUNK):
+                        out.write(block)
+        got = _sha256_file(tmp)
+        if got != sha256:
+            raise SourceError(
+                f"{what}: sha256 is {got}, expected {sha256}",
+                where=url,
+                hint="the file changed upstream or the pin is wrong; check it before updating sha256",
+            )
+        os.replace(tmp, dest)
+        return dest
+    except (OSError, requests.RequestException) as exc:
+        raise SourceError(f"{what}: cannot fetch: {exc}", where=url, hint="check the URL/path and the network") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pypi_sdist(settings: Settings, source: Source) -> tuple[str, str, str]:
+    """(url, filename, sha256) of the pinned sdist, remembered so later calls need no network."""
+    match = PYPI_PIN_RE.match(str(source.pypi))
+    if not match:
+        raise SourceError(f"'{source.pypi}' is not name==version", where=f"sources.{source.name}.pypi")
+    project, version = match.groups()
+    memo = settings.cache_dir / "archives" / "pypi" / f"{project}-{version}.json"
+    if memo.is_file():
+        data = json.loads(memo.read_text())
+        if source.sha256 in (None, data["sha256"]):
+            return data["url"], data["filename"], data["sha256"]
+    from pypi_simple import NoSuchProjectError, PyPISimple
+
+    endpoint = index_url()
+    try:
+        with PyPISimple(endpoint) as client:
+            client.s.verify = ca_bundle()
+            page = client.get_project_page(project, timeout=60)
+    except NoSuchProjectError:
+        raise SourceError(f"no project '{project}' on the index", where=f"{endpoint} (sources.{source.name})") from None
+    except requests.RequestException as exc:
+        raise SourceError(f"cannot read the index: {exc}", where=endpoint,
+                          hint="check PIP_INDEX_URL / `pip config list` and the network") from None
+    for package in page.packages:
+        if package.package_type == "sdist" and package.version == version:
+            sha = package.digests.get("sha256")
+            if not sha:
+                raise SourceError(f"the index gives no sha256 for {package.filename}", where=endpoint,
+                                  hint=f"pin it: sha256 = ... in [sources.{source.name}]")
+            if source.sha256 and source.sha256 != sha:
+                raise SourceError(
+                    f"{package.filename}: the index says sha256 {sha}, stack.toml pins {source.sha256}",
+                    where=f"sources.{source.name}.sha256", hint="the release was replaced or the pin is wrong",
+                )
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"url": package.url, "filename": package.filename, "sha256": sha}))
+            os.replace(tmp, memo)
+            return package.url, package.filename, sha
+    raise SourceError(f"no sdist of {project} {version} on the index", where=endpoint,
+                      hint="check the version; only source releases (sdists) can be patched")
+
+
+def fetch_archive(settings: Settings, source: Source, root: Path | None = None) -> tuple[Path, str]:
+    """(local file, sha256) of the source's archive, downloaded and verified once."""
+    if source.kind == "pypi":
+        url, filename, sha = _pypi_sdist(settings, source)
+    elif source.kind == "archive":
+        location = settings.rewrite(str(source.archive))
+        if "://" not in location and root is not None and not os.path.isabs(location):
+            location = str(root / location)
+        url, filename, sha = location, os.path.basename(urlparse(location).path) or "archive", str(source.sha256)
+    else:
+        raise SourceError(f"source '{source.name}' is a git source, not an archive", where=f"sources.{source.name}")
+    path = _download(url, settings.cache_dir / "archives" / "files" / sha / filename, sha, f"source {source.name}")
+    return path, sha
+
+
+def _unpack(archive: Path, into: Path) -> Path:
+    """Unpacks safely (no absolute paths, no escaping links) and returns the tree's root."""
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip") or name.endswith(".whl"):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    target = (into / info.filename).resolve()
+                    if not str(target).startswith(str(into.resolve()) + os.sep) and target != into.resolve():
+                        raise SourceError(f"unsafe path {info.filename!r} in archive", where=str(archive))
+                zf.extractall(into)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(into, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as exc:
+        raise SourceError(f"cannot unpack: {exc}", where=str(archive), hint="is it a tar or zip file?") from None
+    entries = list(into.iterdir())
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
+
+
+def import_archive(settings: Settings, source: Source, root: Path | None = None) -> tuple[Path, str]:
+    """(bare git dir, commit) holding the archive as one deterministic commit; cached by sha256."""
+    path, sha = fetch_archive(settings, source, root)
+    git_dir = settings.cache_dir / "archives" / "git" / f"{sha}.git"
+    marker = git_dir / "stackbuild-import"
+    if marker.is_file():
+        return git_dir, marker.read_text().strip()
+    git_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=git_dir.parent))
+    try:
+        (staging / "tree").mkdir()
+        tree_root = _unpack(path, staging / "tree")
+        if not git_dir.exists():
+            _git(["init", "-q", "--bare", str(staging / "repo.git")])
+            os.replace(staging / "repo.git", git_dir)
+        env = {**IDENTITY, "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(tree_root),
+               "GIT_INDEX_FILE": str(staging / "index")}
+        # -f: archives carry their own .gitignore, yet every file of the release must be kept.
+        _git(["add", "-A", "-f"], env=env)
+        tree = _git(["write-tree"], env=env)
+        commit = _git(["commit-tree", tree, "-m", f"Import {path.name}"], env=env)
+        _git(["update-ref", f"refs/stackbuild/import/{sha}", commit], env=env)
+        tmp_marker = staging / "marker"
+        tmp_marker.write_text(commit + "\n")
+        os.replace(tmp_marker, marker)
+        return git_dir, commit
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

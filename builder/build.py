@@ -1,0 +1,769 @@
+"""Wheels from applied stacks, built in containers, cached by content.
+
+Each source's wheel is built in its own container from a recipe image (a Dockerfile whose base
+image is a build argument). Inputs go in and wheels come out by the Engine API's archive copy.
+A source's cache key covers everything that decides its wheel and nothing else: the pin, the
+bytes of its patches, the recipe, the base image's id and the keys of the wheels it needs. It is
+computed before any patch is applied, so a rerun with nothing changed only hashes a few files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+from . import __version__, engine as engines
+from .config import Config, ResolvedStack, Source, Where
+from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
+from .settings import Settings
+
+SCHEMA = 1
+KEY_VERSION = "stackbuild-build-1"
+INSIDE = "/sb"
+SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
+REDACTED = "<redacted>"
+TAIL_LINES = 25
+BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
+              "caches", "memory_gb", "disk_gb", "engines", "timeout"}
+SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip"}
+DEFAULT_COMMAND = 'python -m pip wheel --no-deps --use-pep517 -w "$OUT" .'
+CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The [build] table of a stack, resolved: what image, which host inputs, which engines."""
+
+    name: str
+    dockerfile: Path
+    base: str
+    args: Mapping[str, str]
+    env: Mapping[str, str]
+    wheelhouse: Path | None
+    ca_bundle: Path | None
+    index_url: str | None
+    extra_index_urls: tuple[str, ...]
+    caches: Mapping[str, Path]
+    memory_gb: float
+    disk_gb: float
+    engines: tuple[str, ...]
+    timeout: int
+
+    @property
+    def dockerfile_bytes(self) -> bytes:
+        return self.dockerfile.read_bytes()
+
+
+@dataclass(frozen=True)
+class SourceBuild:
+    """How one source becomes a wheel: [sources.NAME.build]."""
+
+    command: str = DEFAULT_COMMAND
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    requires: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    directory: str = ""
+    skip: bool = False
+
+
+def _strings(w: Where | None, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _err(w, key, f"'{key}' must be a list of strings")
+    return tuple(value)
+
+
+def _str_map(w: Where | None, key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise _err(w, key, f"'{key}' must be a table of strings")
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise _err(w, f"{key}.{k}", f"'{key}.{k}' must be a string or number")
+        out[str(k)] = str(v)
+    return out
+
+
+def _number(w: Where | None, key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _err(w, key, f"'{key}' must be a number, not {value!r}") from None
+
+
+def _err(w: Where | None, key: str, message: str, hint: str | None = None) -> ConfigError:
+    return w.error(key, message, hint=hint) if w is not None else ConfigError(message, where=key, hint=hint)
+
+
+def find_dockerfile(name: str, root: Path) -> Path:
+    """`recipe = "cpu"` is containers/Dockerfile.cpu of the project, else the one stackbuild ships;
+    anything with a slash is a path relative to stack.toml."""
+    if "/" in name or name.startswith("Dockerfile"):
+        candidates = [root / name]
+    else:
+        candidates = [root / "containers" / f"Dockerfile.{name}", CONTAINERS / f"Dockerfile.{name}"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise ConfigError(f"no Dockerfile for recipe '{name}'", where="build.recipe",
+                      hint=f"looked at {', '.join(str(c) for c in candidates)}")
+
+
+def dockerfile_defaults(path: Path) -> dict[str, str]:
+    """What a recipe declares about itself: `ARG BASE=...` and `# stackbuild: memory_gb=N disk_gb=N`."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\s*ARG\s+BASE=(\S+)", line)
+        if m and "base" not in out:
+            out["base"] = m.group(1)
+        m = re.match(r"^#\s*stackbuild:\s*(.+)$", line)
+        if m:
+            out.update(dict(pair.split("=", 1) for pair in m.group(1).split() if "=" in pair))
+    return out
+
+
+def _path(root: Path, value: str) -> Path:
+    path = Path(os.path.expanduser(value))
+    return (path if path.is_absolute() else root / path).resolve()
+
+
+def parse_recipe(table: Mapping[str, Any], root: Path, w: Where | None = None, prefix: str = "build") -> Recipe:
+    """The merged [build] table, plus environment overrides for host-specific inputs."""
+    for key in table:
+        if key not in BUILD_KEYS:
+            raise _err(w, f"{prefix}.{key}", f"unknown key '{key}' in [{prefix}]", hint=f"allowed: {', '.join(sorted(BUILD_KEYS))}")
+    name = str(table.get("recipe", "cpu"))
+    dockerfile = find_dockerfile(name, root)
+    declared = dockerfile_defaults(dockerfile)
+    base = os.environ.get("STACKBUILD_BASE_IMAGE") or table.get("base") or declared.get("base")
+    if not base:
+        raise _err(w, f"{prefix}.base", "the build needs a base image", hint='set base = "stackbuild/base:bookworm" in [build]')
+    wheelhouse = os.environ.get("STACKBUILD_WHEELHOUSE") or table.get("wheelhouse")
+    ca = os.environ.get("STACKBUILD_CA_BUNDLE") or table.get("ca_bundle")
+    caches = _str_map(w, f"{prefix}.caches", table.get("caches", {}))
+    for kind in caches:
+        if kind not in ("pip", "ccache"):
+            raise _err(w, f"{prefix}.caches.{kind}", f"unknown cache '{kind}'", hint="caches are 'pip' and 'ccache'")
+    env_engines = [e for e in os.environ.get("STACKBUILD_ENGINES", "").split(",") if e.strip()]
+    recipe = Recipe(
+        name=name,
+        dockerfile=dockerfile,
+        base=str(base),
+        args=MappingProxyType(_str_map(w, f"{prefix}.args", table.get("args", {}))),
+        env=MappingProxyType(_str_map(w, f"{prefix}.env", table.get("env", {}))),
+        wheelhouse=_path(root, str(wheelhouse)) if wheelhouse else None,
+        ca_bundle=_path(root, str(ca)) if ca else None,
+        index_url=os.environ.get("STACKBUILD_INDEX_URL") or table.get("index_url"),
+        extra_index_urls=_strings(w, f"{prefix}.extra_index_urls", table.get("extra_index_urls", [])),
+        caches=MappingProxyType({k: _path(root, v) for k, v in caches.items()}),
+        memory_gb=_number(w, f"{prefix}.memory_gb", table.get("memory_gb", declared.get("memory_gb", 4))),
+        disk_gb=_number(w, f"{prefix}.disk_gb", table.get("disk_gb", declared.get("disk_gb", 10))),
+        engines=tuple(env_engines) or _strings(w, f"{prefix}.engines", table.get("engines", [])),
+        timeout=int(_number(w, f"{prefix}.timeout", table.get("timeout", 7200))),
+    )
+    if recipe.wheelhouse is not None and not recipe.wheelhouse.is_dir():
+        raise _err(w, f"{prefix}.wheelhouse", f"wheelhouse {recipe.wheelhouse} is not a folder",
+                   hint="create it, or unset STACKBUILD_WHEELHOUSE / build.wheelhouse")
+    if recipe.ca_bundle is not None and not recipe.ca_bundle.is_file():
+        raise _err(w, f"{prefix}.ca_bundle", f"CA bundle {recipe.ca_bundle} does not exist")
+    return recipe
+
+
+def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
+    key = f"sources.{source.name}.build"
+    table = source.build
+    for k in table:
+        if k not in SOURCE_BUILD_KEYS:
+            raise _err(w, f"{key}.{k}", f"unknown key '{k}' in [{key}]", hint=f"allowed: {', '.join(sorted(SOURCE_BUILD_KEYS))}")
+    directory = str(table.get("directory", "")).strip("/")
+    if ".." in Path(directory).parts:
+        raise _err(w, f"{key}.directory", "'directory' must stay inside the source")
+    return SourceBuild(
+        command=str(table.get("command", DEFAULT_COMMAND)),
+        env=MappingProxyType(_str_map(w, f"{key}.env", table.get("env", {}))),
+        requires=_strings(w, f"{key}.requires", table.get("requires", [])),
+        needs=_strings(w, f"{key}.needs", table.get("needs", [])),
+        directory=directory,
+        skip=bool(table.get("skip", False)),
+    )
+
+
+# ---------------------------------------------------------------- inputs and keys
+
+
+@dataclass(frozen=True)
+class PatchInput:
+    name: str
+    sha256: str
+    data: bytes = field(repr=False, compare=False, default=b"")
+    strip: int = 1
+    directory: str = ""
+
+
+@dataclass(frozen=True)
+class BuildInput:
+    """One source as the build sees it: its pinned tree and the patches that go on top. `commit`
+    is the applied result when already known; otherwise it is made only if the wheel must be built."""
+
+    source: Source
+    git_dir: Path
+    base: str
+    patches: tuple[PatchInput, ...] = ()
+    commit: str | None = None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def wheelhouse_listing(recipe: Recipe) -> list[list]:
+    """Names and sizes: wheel file names carry versions, so this tracks content without
+    hashing gigabytes on every run."""
+    if recipe.wheelhouse is None:
+        return []
+    return sorted([p.name, p.stat().st_size] for p in recipe.wheelhouse.iterdir() if p.is_file())
+
+
+def recipe_identity(recipe: Recipe, base_id: str | None) -> dict:
+    return {
+        "name": recipe.name,
+        "dockerfile_sha256": _sha256(recipe.dockerfile_bytes),
+        "args": dict(sorted(recipe.args.items())),
+        "base": recipe.base,
+        "base_id": base_id,
+    }
+
+
+def image_tag(recipe: Recipe, base_id: str | None) -> str:
+    digest = _sha256(_canonical(recipe_identity(recipe, base_id)))[:16]
+    return f"stackbuild/recipe-{recipe.name}:{digest}"
+
+
+def source_env(recipe: Recipe, spec: SourceBuild) -> dict[str, str]:
+    return {**recipe.env, **spec.env}
+
+
+def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str | None, dep_keys: Sequence[str],
+              wheelhouse: list | None = None) -> str:
+    """Everything that decides the wheel; nothing that only decides how fast it is built
+    (caches, CA bundle, engine address)."""
+    payload = {
+        "v": KEY_VERSION,
+        "source": {"name": item.source.name, "kind": item.source.kind, "pin": item.source.pin, "base": item.base},
+        "patches": [[p.name, p.sha256, p.strip, p.directory] for p in item.patches],
+        "recipe": recipe_identity(recipe, base_id),
+        "build": {"command": spec.command, "env": source_env(recipe, spec), "requires": list(spec.requires),
+                  "directory": spec.directory, "index": [recipe.index_url, *recipe.extra_index_urls]},
+        "wheelhouse": wheelhouse if wheelhouse is not None else wheelhouse_listing(recipe),
+        "needs": list(dep_keys),
+    }
+    return _sha256(_canonical(payload))
+
+
+def redact(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in sorted(env.items())}
+
+
+# ---------------------------------------------------------------- stack inputs
+
+
+def _patch_inputs(patches) -> tuple[PatchInput, ...]:
+    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory) for p in patches)
+
+
+def stack_inputs(settings: Settings, cfg: Config, stack_name: str) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
+    """Pins and patch bytes of each source, without applying anything, and a resolver that
+    applies the whole stack (once, in memory) the first time a wheel really has to be built."""
+    from . import apply
+
+    prep = apply.prepare(settings, cfg, stack_name)
+    items = [BuildInput(src, prep.synced[src.name].git_dir, prep.synced[src.name].commit,
+                        _patch_inputs(prep.patches[src.name])) for src in prep.stack.sources]
+    applied: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def resolve(item: BuildInput) -> str:
+        with lock:
+            if not applied:
+                applied.update({n: a.commit for n, a in apply.materialize(settings, cfg, stack_name).items()})
+        return applied[item.source.name]
+
+    return items, resolve
+
+
+def _given_commit(item: BuildInput) -> str:
+    if item.commit is None:
+        raise BuildError(f"no applied commit for {item.source.name}", where=f"source {item.source.name}",
+                         hint="pass commit= in BuildInput, or build the stack with build_stack")
+    return item.commit
+
+
+# ---------------------------------------------------------------- the build
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    file: str
+    sha256: str
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    source: str
+    key: str
+    cached: bool
+    seconds: float
+    wheels: tuple[WheelFile, ...]
+    image_id: str
+    base_id: str | None
+    log: Path | None
+    engine: str
+
+
+def _wheel_meta(filename: str) -> tuple[str, str]:
+    parts = filename[:-4].split("-")
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool) -> str:
+    """The script each container runs; every input it reads was copied in under /sb."""
+    lines = [
+        "#!/bin/bash",
+        "set -euo pipefail",
+        f"export SRC={INSIDE}/src OUT={INSIDE}/out DEPS={INSIDE}/deps WHEELHOUSE={INSIDE}/wheelhouse",
+        'mkdir -p "$OUT" "$DEPS" "$WHEELHOUSE"',
+        "if [ -f /opt/stackbuild/env.sh ]; then set +u; source /opt/stackbuild/env.sh; set -u; fi",
+        f"if [ -f {INSIDE}/certs/ca.pem ]; then export PIP_CERT={INSIDE}/certs/ca.pem "
+        f"SSL_CERT_FILE={INSIDE}/certs/ca.pem REQUESTS_CA_BUNDLE={INSIDE}/certs/ca.pem; fi",
+        'export PIP_FIND_LINKS="$WHEELHOUSE $DEPS" PIP_DISABLE_PIP_VERSION_CHECK=1',
+    ]
+    if recipe.index_url:
+        lines.append(f"export PIP_INDEX_URL={shlex.quote(recipe.index_url)}")
+    if recipe.extra_index_urls:
+        lines.append(f"export PIP_EXTRA_INDEX_URL={shlex.quote(' '.join(recipe.extra_index_urls))}")
+    if spec.requires:
+        lines.append("python -m pip install " + " ".join(shlex.quote(r) for r in spec.requires))
+    if has_deps:
+        lines.append('python -m pip install --no-deps "$DEPS"/*.whl')
+    lines += [
+        f'cd "$SRC"/{shlex.quote(spec.directory)}' if spec.directory else 'cd "$SRC"',
+        'echo "stackbuild: $(python --version 2>&1) in $(pwd)"',
+        spec.command,
+        'ls "$OUT"/*.whl >/dev/null 2>&1 || { echo "stackbuild: the command made no wheel in $OUT" >&2; exit 3; }',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _input_tar(tree: bytes, script: str, recipe: Recipe, deps: Sequence[Path]) -> bytes:
+    """One tar copied to / of the container: the tree, the script, the wheelhouse, needed wheels."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(fileobj=io.BytesIO(tree)) as src:
+            for member in src.getmembers():
+                member.name = f"{INSIDE.lstrip('/')}/src/{member.name}"
+                tar.addfile(member, src.extractfile(member) if member.isfile() else None)
+        info = tarfile.TarInfo(f"{INSIDE.lstrip('/')}/build.sh")
+        data = script.encode()
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+        if recipe.ca_bundle is not None:
+            tar.add(str(recipe.ca_bundle), arcname=f"{INSIDE.lstrip('/')}/certs/ca.pem")
+        if recipe.wheelhouse is not None:
+            engines.add_tree(tar, recipe.wheelhouse, f"{INSIDE.lstrip('/')}/wheelhouse")
+        for wheel in deps:
+            tar.add(str(wheel), arcname=f"{INSIDE.lstrip('/')}/deps/{wheel.name}")
+    return out.getvalue()
+
+
+class Progress:
+    """Streams container output to the terminal, prefixed with which source and how far along,
+    and to the source's log file; keeps the tail for error messages."""
+
+    def __init__(self, sink: Log, label: str, path: Path):
+        self.sink, self.label, self.path = sink, label, path
+        self.start = time.monotonic()
+        self.tail: list[str] = []
+        self.lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", encoding="utf-8")
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            self.file.write(line + "\n")
+            self.file.flush()
+            self.tail = (self.tail + [line])[-TAIL_LINES:]
+            self.sink(f"[{self.label} {time.monotonic() - self.start:5.0f}s] {line}")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _cache_dir(settings: Settings, key: str) -> Path:
+    return settings.cache_dir / "wheels" / key[:2] / key
+
+
+def _load_cached(settings: Settings, key: str) -> dict | None:
+    entry = _cache_dir(settings, key) / "entry.json"
+    if not entry.is_file():
+        return None
+    data = json.loads(entry.read_text())
+    if all((entry.parent / w["file"]).is_file() for w in data["wheels"]):
+        return data
+    return None
+
+
+def _store(settings: Settings, key: str, wheels: list[tuple[str, bytes]], meta: dict) -> dict:
+    final = _cache_dir(settings, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+    try:
+        listed = []
+        for name, data in sorted(wheels):
+            (tmp / name).write_bytes(data)
+            dist, version = _wheel_meta(name)
+            listed.append({"file": name, "sha256": _sha256(data), "name": dist, "version": version})
+        meta = {**meta, "wheels": listed}
+        (tmp / "entry.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure_image(eng: engines.Engine, recipe: Recipe, base_id: str, log: Log) -> str:
+    tag = image_tag(recipe, base_id)
+    found = eng.image_id(tag)
+    if found:
+        return found
+    log(f"building recipe image {tag} from {recipe.dockerfile.name} on {eng.name}")
+    return eng.build_image({"Dockerfile": recipe.dockerfile_bytes}, tag, {"BASE": recipe.base, **recipe.args}, log)
+
+
+@dataclass
+class _Job:
+    item: BuildInput
+    spec: SourceBuild
+
+
+def build_inputs(
+    settings: Settings,
+    stack: str,
+    items: Sequence[BuildInput],
+    recipe: Recipe,
+    *,
+    specs: Mapping[str, SourceBuild] | None = None,
+    engine_urls: Sequence[str | None] = (),
+    force: bool = False,
+    log: Log = lambda _line: None,
+    dist_dir: Path | None = None,
+    resolve: Callable[[BuildInput], str] = _given_commit,
+) -> dict:
+    """Builds (or takes from the cache) every source's wheel, then writes dist/<stack>/ with the
+    wheels and manifest.json. Any failure raises before dist/ is touched."""
+    started = time.monotonic()
+    specs = dict(specs or {})
+    jobs = {i.source.name: _Job(i, specs.get(i.source.name) or parse_source_build(i.source)) for i in items}
+    jobs = {n: j for n, j in jobs.items() if not j.spec.skip}
+    for name, job in jobs.items():
+        for need in job.spec.needs:
+            if need not in jobs:
+                raise ConfigError(f"source '{name}' needs '{need}', which this stack does not build",
+                                  where=f"sources.{name}.build.needs", hint=f"built here: {', '.join(jobs)}")
+    order = _topo(jobs)
+    urls = list(engine_urls) or list(recipe.engines) or [None]
+    pool = engines.connect_many(urls)
+    if all(isinstance(e, EngineError) for e in pool):
+        raise pool[0]  # type: ignore[misc]
+    wheelhouse = wheelhouse_listing(recipe)
+    keys: dict[str, str] = {}
+    image_lock = threading.Lock()
+    logs_dir = settings.work_dir / "logs" / stack
+
+    def work(eng: engines.Engine, name: str) -> SourceResult:
+        job = jobs[name]
+        t0 = time.monotonic()
+        base_id = eng.image_id(recipe.base)
+        if base_id is None:
+            raise EngineError(f"base image {recipe.base} is not on this engine", where=f"engine {eng.name}",
+                              hint="build or load it there (see .ci/docker.sh), or set build.base")
+        key = cache_key(job.item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs], wheelhouse)
+        keys[name] = key
+        cached = None if force else _load_cached(settings, key)
+        if cached is not None:
+            return _result(settings, name, key, True, cached, eng)
+        index = order.index(name) + 1
+        progress = Progress(log, f"{name} {index}/{len(order)}", logs_dir / f"{name}.log")
+        try:
+            with image_lock:
+                image = _ensure_image(eng, recipe, base_id, progress)
+            commit = resolve(job.item)
+            tree = subprocess.run(["git", "--git-dir", str(job.item.git_dir), "archive", "--format=tar", commit],
+                                  capture_output=True, check=True).stdout
+            deps = [_cache_dir(settings, keys[n]) / w["file"] for n in job.spec.needs
+                    for w in (_load_cached(settings, keys[n]) or {"wheels": []})["wheels"]]
+            script = build_script(recipe, job.spec, bool(deps))
+            env = source_env(recipe, job.spec)
+            mounts = {str(path): f"/root/.cache/{kind}" for kind, path in recipe.caches.items()}
+            for path in recipe.caches.values():
+                path.mkdir(parents=True, exist_ok=True)
+            if "ccache" in recipe.caches:
+                env = {"CCACHE_DIR": "/root/.cache/ccache", **env}
+            try:
+                code, blob = eng.run(image, ["/bin/bash", f"{INSIDE}/build.sh"], env=env,
+                                     inputs=_input_tar(tree, script, recipe, deps), output=f"{INSIDE}/out",
+                                     log=progress, mounts=mounts, timeout=recipe.timeout)
+            except TimeoutError as exc:
+                raise BuildError(f"building {name} timed out: {exc}", where=str(progress.path),
+                                 hint="raise build.timeout, or lower MAX_JOBS if the host is swapping") from None
+            if code != 0:
+                for line in [f"--- last {len(progress.tail)} lines of {progress.path} ---", *progress.tail]:
+                    log(line)
+                raise BuildError(f"building {name} failed with exit code {code}", where=str(progress.path),
+                                 hint="read the log tail above; fix the source, patch or [sources.%s.build]" % name)
+            wheels = list(engines.extract_files(blob, ".whl"))
+            meta = _store(settings, key, wheels, {
+                "source": name, "key": key, "commit": commit, "image_id": image, "base_id": base_id,
+                "env": redact(env), "seconds": round(time.monotonic() - t0, 3), "engine": eng.name,
+            })
+        finally:
+            progress.close()
+        return _result(settings, name, key, False, meta, eng, progress.path)
+
+    results = engines.schedule(order, {n: jobs[n].spec.needs for n in order}, pool, work)
+    failures = [(n, r) for n, r in results.items() if isinstance(r, BaseException)]
+    if failures:
+        first_name, first = failures[0]
+        for n, r in failures[1:]:
+            log(f"also failed: {n}: {r}")
+        if isinstance(first, StackbuildError):
+            raise first
+        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
+    done = [results[n] for n in order]
+    return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started)
+
+
+def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, eng: engines.Engine,
+            log_path: Path | None = None) -> SourceResult:
+    return SourceResult(
+        source=name, key=key, cached=cached, seconds=0.0 if cached else float(meta["seconds"]),
+        wheels=tuple(WheelFile(w["file"], w["sha256"], w["name"], w["version"]) for w in meta["wheels"]),
+        image_id=meta["image_id"], base_id=meta["base_id"], log=log_path, engine=eng.name,
+    )
+
+
+def _topo(jobs: Mapping[str, _Job]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise ConfigError(f"build needs form a cycle: {' -> '.join(path + [name])}", where=f"sources.{name}.build.needs")
+        state[name] = 1
+        for need in jobs[name].spec.needs:
+            visit(need, path + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in jobs:
+        visit(name, [])
+    return order
+
+
+def stack_digest(keys: Sequence[str]) -> str:
+    return _sha256(_canonical(sorted(keys)))
+
+
+def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], recipe: Recipe,
+               jobs: Mapping[str, _Job], done: Sequence[SourceResult], *, dist_dir: Path | None, seconds: float) -> dict:
+    """dist/<stack>/ is assembled beside the old one and swapped in last. When the digest is the
+    one already there, nothing is rewritten."""
+    target = (dist_dir or settings.dist_dir) / stack
+    digest = stack_digest([r.key for r in done])
+    existing = target / "manifest.json"
+    if existing.is_file():
+        try:
+            old = json.loads(existing.read_text())
+        except ValueError:
+            old = {}
+        if old.get("digest") == digest and _quick_ok(target, old):
+            old["summary"] = _summary(done, seconds, reused=True)
+            return old
+    by_name = {i.source.name: i for i in items}
+    manifest = {
+        "schema": SCHEMA,
+        "stack": stack,
+        "digest": digest,
+        "tool": {"name": "stackbuild", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sources": [],
+        "wheels": [],
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stack}.tmp-", dir=target.parent))
+    try:
+        for result in done:
+            item, spec = by_name[result.source], jobs[result.source].spec
+            manifest["sources"].append({
+                "name": item.source.name,
+                "kind": item.source.kind,
+                "location": item.source.location,
+                "pin": item.source.pin,
+                "base_commit": item.base,
+                "patches": [{"name": p.name, "sha256": p.sha256} for p in item.patches],
+                "key": result.key,
+                "recipe": {"name": recipe.name, "dockerfile": recipe.dockerfile.name,
+                           "dockerfile_sha256": _sha256(recipe.dockerfile_bytes), "args": dict(recipe.args),
+                           "command": spec.command, "requires": list(spec.requires), "needs": list(spec.needs)},
+                "image": {"id": result.image_id, "base": recipe.base, "base_id": result.base_id},
+                "env": redact(source_env(recipe, spec)),
+                "wheels": [w.file for w in result.wheels],
+                "seconds": result.seconds,
+                "cached": result.cached,
+                "engine": result.engine,
+            })
+            for wheel in result.wheels:
+                # A copy, not a hard link: editing a wheel in dist/ must not reach into the cache.
+                shutil.copyfile(_cache_dir(settings, result.key) / wheel.file, tmp / wheel.file)
+                manifest["wheels"].append({"source": result.source, "file": wheel.file, "name": wheel.name,
+                                           "version": wheel.version, "sha256": wheel.sha256,
+                                           "size": (tmp / wheel.file).stat().st_size})
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        old_dir = None
+        if target.exists():
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{stack}.old-", dir=target.parent))
+            os.replace(target, old_dir / stack)
+        os.replace(tmp, target)
+        if old_dir is not None:
+            shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest["summary"] = _summary(done, seconds, reused=False)
+    return manifest
+
+
+def _summary(done: Sequence[SourceResult], seconds: float, *, reused: bool) -> dict:
+    return {"built": [r.source for r in done if not r.cached], "cached": [r.source for r in done if r.cached],
+            "seconds": round(seconds, 3), "dist_reused": reused}
+
+
+def _quick_ok(folder: Path, manifest: dict) -> bool:
+    """Files present with their recorded sizes; `verify` is the full re-hash."""
+    for wheel in manifest.get("wheels", []):
+        path = folder / wheel["file"]
+        if not path.is_file() or path.stat().st_size != wheel.get("size"):
+            return False
+    return True
+
+
+def verify(folder: Path) -> dict:
+    """Re-hashes every wheel a manifest names; any difference is a VerifyError."""
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VerifyError("no manifest.json", where=str(folder), hint="build first: stackbuild build STACK") from None
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"unreadable manifest: {exc}", where=str(path)) from None
+    if manifest.get("schema") != SCHEMA:
+        raise VerifyError(f"manifest schema {manifest.get('schema')!r}, expected {SCHEMA}", where=str(path))
+    checked = []
+    for wheel in manifest.get("wheels", []):
+        file = folder / wheel["file"]
+        if not file.is_file():
+            raise VerifyError(f"{wheel['file']} is missing", where=str(path), hint="rebuild: stackbuild build --force")
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != wheel["sha256"]:
+            raise VerifyError(f"{wheel['file']} has sha256 {h.hexdigest()}, the manifest says {wheel['sha256']}",
+                              where=str(path), hint="the wheel was changed after the build; rebuild it")
+        checked.append(wheel["file"])
+    listed = {w["file"] for w in manifest.get("wheels", [])}
+    extra = sorted(p.name for p in folder.glob("*.whl") if p.name not in listed)
+    if extra:
+        raise VerifyError(f"wheel not in the manifest: {extra[0]}", where=str(folder), hint="remove it or rebuild")
+    keys = [s["key"] for s in manifest.get("sources", [])]
+    if stack_digest(keys) != manifest.get("digest"):
+        raise VerifyError("digest does not match the sources' keys", where=str(path))
+    return {"folder": str(folder), "stack": manifest.get("stack"), "digest": manifest.get("digest"), "wheels": checked}
+
+
+# ---------------------------------------------------------------- stack entry points
+
+
+def stack_recipe(cfg: Config, resolved: ResolvedStack) -> Recipe:
+    return parse_recipe(resolved.build, cfg.root, cfg.where)
+
+
+def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = (),
+                force: bool = False, log: Log = lambda _line: None) -> dict:
+    resolved = cfg.stack(stack_name)
+    recipe = stack_recipe(cfg, resolved)
+    specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
+    items, resolve = stack_inputs(settings, cfg, stack_name)
+    return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force,
+                        log=log, resolve=resolve)
+
+
+def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = ()) -> dict:
+    """What `build` would do, without building: per source its container script, env, image tag and
+    cache key. Keys need the base image's id; where no engine holds it the key is marked unresolved."""
+    resolved = cfg.stack(stack_name)
+    recipe = stack_recipe(cfg, resolved)
+    specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
+    jobs = {s.name: _Job(BuildInput(s, Path(), s.pin), specs[s.name]) for s in resolved.sources if not specs[s.name].skip}
+    order = _topo(jobs)
+    base_id = None
+    urls = list(engine_urls) or list(recipe.engines) or [None]
+    reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
+    if reachable is not None:
+        base_id = reachable.image_id(recipe.base)
+    from .series import load_stack_patches
+
+    loaded = load_stack_patches(settings, cfg, resolved)
+    keys: dict[str, str] = {}
+    steps = []
+    for name in order:
+        job = jobs[name]
+        patches = _patch_inputs(loaded[name])
+        item = BuildInput(job.item.source, Path(), job.item.source.pin, patches)
+        keys[name] = cache_key(item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs])
+        steps.append({
+            "source": name, "pin": item.source.pin, "location": item.source.location,
+            "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
+            "needs": list(job.spec.needs), "key": keys[name], "key_resolved": base_id is not None,
+            "image": image_tag(recipe, base_id), "env": redact(source_env(recipe, job.spec)),
+            "script": build_script(recipe, job.spec, bool(job.spec.needs)),
+        })
+    return {"stack": stack_name, "recipe": recipe.name, "dockerfile": str(recipe.dockerfile), "base": recipe.base,
+            "base_id": base_id, "build_args": {"BASE": recipe.base, **recipe.args}, "steps": steps}

@@ -1,0 +1,135 @@
+"""`stackbuild smoke`, `serve` and `results`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from .. import results as results_mod
+from .. import smoke as smoke_mod
+from ..errors import SmokeError
+from ..report import simple_table
+from . import Context, emit, fail, json_option, main, pass_ctx, run
+
+
+def _say(message: str) -> None:
+    click.echo(f"stackbuild: {message}", err=True)
+
+
+def _console() -> Console:
+    # Piped output is for logs and CI, where wrapping at 80 columns only hurts.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _render_run(record: dict) -> None:
+    console = _console()
+    title = f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}"
+    console.print(simple_table(title, ("check", "ok", "detail"),
+                               ((c["name"], "pass" if c["ok"] else "[red]FAIL[/red]", c["detail"]) for c in record["checks"])))
+    metrics = record.get("metrics") or {}
+    if len(metrics) > 1:
+        names = [n for n in ("completed", "duration_s", *smoke_mod.METRICS) if n in metrics]
+        console.print(simple_table("metrics (vllm bench serve names)", ("metric", "value"),
+                                   ((n, _fmt(metrics[n])) for n in names)))
+    timings = record.get("timings") or {}
+    if timings:
+        console.print("timings: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    console.print(f"results: {record.get('results_file', '')}  server log: {record['server']['log']}")
+
+
+@main.command("smoke")
+@click.argument("stack")
+@click.option("--profile", metavar="NAME", help="Server profile from [smoke.profiles] (default: [smoke] profile).")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path),
+              help="A results file to compare against (overrides [smoke] baseline).")
+@click.option("--host", help="Address to bind (default: [smoke] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [smoke] port; 0 = a free one).")
+@click.option("--prepare-only", is_flag=True,
+              help="Only create the cached serving environment and model (e.g. to warm a CI cache), then exit.")
+@json_option
+@pass_ctx
+def smoke_cmd(ctx: Context, stack: str, profile: str | None, baseline: Path | None, host: str | None,
+              port: int | None, prepare_only: bool) -> None:
+    """Serve STACK's wheels, check and measure the server, record the results, stop it."""
+    def go() -> dict:
+        cfg = ctx.config()
+        if prepare_only:
+            prep = smoke_mod.prepare_stack(ctx.settings(cfg), cfg, stack, profile=profile, say=_say)
+            return {"stack": stack, "runtime": prep.sc.runtime, "environment": prep.env_path or prep.image,
+                    "python": prep.python, "model": prep.model_path, "version": prep.expected_version}
+        try:
+            return smoke_mod.run_smoke(ctx.settings(cfg), cfg, stack, profile=profile, baseline=baseline,
+                                       host=host, port=port, say=_say)
+        except smoke_mod.ServerFailed as exc:
+            if exc.log_tail:
+                click.echo(f"--- last {smoke_mod.LOG_TAIL} lines of the server log ---\n{exc.log_tail}\n---", err=True)
+            raise
+        except smoke_mod.SmokeFailed as exc:
+            if not ctx.as_json:
+                _render_run({**exc.record, "results_file": exc.where})
+            raise
+
+    record = run(ctx, go)
+    emit(ctx, record, _render_run if not prepare_only else lambda d: click.echo(
+        "\n".join(f"{k}: {v}" for k, v in d.items())))
+
+
+@main.command("serve")
+@click.argument("stack")
+@click.option("--profile", metavar="NAME", help="Server profile from [smoke.profiles].")
+@click.option("--host", help="Address to bind (default: [smoke] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port (default: [smoke] port; 0 = a free one).")
+@json_option
+@pass_ctx
+def serve_cmd(ctx: Context, stack: str, profile: str | None, host: str | None, port: int | None) -> None:
+    """Run STACK's server in the foreground (same environment and profile as smoke) until Ctrl-C."""
+    def go() -> int:
+        cfg = ctx.config()
+        return smoke_mod.serve(ctx.settings(cfg), cfg, stack, profile=profile, host=host, port=port, say=_say)
+
+    code = run(ctx, go)
+    if code:
+        fail(ctx, SmokeError(f"the server exited with code {code}", where=stack, hint="read its output above"))
+    emit(ctx, {"stack": stack, "exit_code": code}, lambda _d: None)
+
+
+@main.command("results")
+@click.argument("stack")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
+              help="Also draw throughput over time into this PNG.")
+@click.option("--last", type=click.IntRange(1), help="Only the last N runs.")
+@json_option
+@pass_ctx
+def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -> None:
+    """List STACK's past smoke runs side by side (and plot throughput over time)."""
+    def go() -> dict:
+        cfg = ctx.config()
+        cfg.stack(stack)
+        runs = results_mod.list_results(ctx.settings(cfg).results_dir, stack)
+        if last:
+            runs = runs[-last:]
+        out = {"stack": stack, "runs": results_mod.summary_rows(runs)}
+        if plot:
+            out["plot"] = str(results_mod.plot_throughput(runs, plot, stack))
+        return out
+
+    def render(data: dict) -> None:
+        cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
+        _console().print(simple_table(f"smoke runs of {stack}", [results_mod.LABELS.get(c, c) for c in cols],
+                                      ([_fmt(row[c]) for c in cols] for row in data["runs"])))
+        if data.get("plot"):
+            click.echo(f"plot: {data['plot']}")
+
+    emit(ctx, run(ctx, go), render)

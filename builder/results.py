@@ -1,0 +1,123 @@
+"""Smoke results: one JSON file per run under results/<stack>/, listed side by side and plotted.
+
+Files are written to a temporary name and renamed, so a run that dies leaves no half record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError, SmokeError
+from .fsutil import atomic_write
+
+# The figures `results` shows per run; names as in the results files' "metrics".
+COLUMNS = ("output_throughput", "total_token_throughput", "median_ttft_ms", "p90_ttft_ms", "median_tpot_ms",
+           "median_itl_ms")
+# Short headers so the side-by-side table fits a terminal; --json keeps the full names.
+LABELS = {"output_throughput": "out tok/s", "total_token_throughput": "total tok/s", "median_ttft_ms": "TTFT ms",
+          "p90_ttft_ms": "TTFT p90", "median_tpot_ms": "TPOT ms", "median_itl_ms": "ITL ms"}
+
+
+def new_result_path(results_dir: Path, stack: str) -> tuple[str, Path]:
+    """A UTC timestamp and a results path no earlier run has taken."""
+    folder = results_dir / stack
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path, n = folder / f"{stamp}.json", 1
+    while path.exists() or path.with_suffix(".server.log").exists():
+        n += 1
+        path = folder / f"{stamp}-{n}.json"
+    return stamp, path
+
+
+def write_result(path: Path, record: Mapping[str, Any]) -> None:
+    atomic_write(path, (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read results file: {exc}", where=str(path),
+                          hint="name a results/<stack>/<timestamp>.json written by `stackbuild smoke`") from None
+    if not isinstance(data, dict) or data.get("schema") != 1:
+        raise ConfigError("not a stackbuild results file (schema 1)", where=str(path),
+                          hint="name a results/<stack>/<timestamp>.json written by `stackbuild smoke`")
+    return data
+
+
+def list_results(results_dir: Path, stack: str) -> list[dict[str, Any]]:
+    """Every run of the stack, oldest first, each with its file name under "file"."""
+    folder = results_dir / stack
+    runs = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        data = read_result(path)
+        runs.append({**data, "file": str(path)})
+    runs.sort(key=lambda r: (r.get("started", ""), r["file"]))
+    return runs
+
+
+def summary_rows(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        metrics = run.get("metrics") or {}
+        failed = [c["name"] for c in run.get("checks", []) if not c.get("ok")]
+        rows.append({
+            "started": run.get("started"),
+            "profile": (run.get("profile") or {}).get("name"),
+            "verdict": run.get("verdict"),
+            "digest": (run.get("digest") or "")[:12] or None,
+            **{c: metrics.get(c) for c in COLUMNS},
+            "failed": failed,
+            "file": run.get("file"),
+        })
+    return rows
+
+
+def plot_throughput(runs: Sequence[Mapping[str, Any]], out: Path, stack: str) -> Path:
+    """Output and total tok/s over time, one line per profile, failed runs marked; PNG written atomically."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SmokeError("plotting needs matplotlib", where="--plot",
+                         hint="pip install 'stackbuild[smoke]'") from None
+    points = [r for r in runs if (r.get("metrics") or {}).get("output_throughput") is not None]
+    if not points:
+        raise SmokeError(f"no run of stack '{stack}' has throughput figures to plot", where=str(out),
+                         hint=f"run `stackbuild smoke {stack}` first")
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    profiles = sorted({(r.get("profile") or {}).get("name", "?") for r in points})
+    for profile in profiles:
+        mine = [r for r in points if (r.get("profile") or {}).get("name", "?") == profile]
+        when = [datetime.strptime(r["started"][:15], "%Y%m%dT%H%M%S") for r in mine]
+        for metric, style in (("output_throughput", "o-"), ("total_token_throughput", "s--")):
+            ax.plot(when, [r["metrics"].get(metric) for r in mine], style, label=f"{profile} {metric}")
+        bad = [(w, r["metrics"]["output_throughput"]) for w, r in zip(when, mine) if r.get("verdict") != "pass"]
+        if bad:
+            ax.scatter(*zip(*bad), marker="x", s=80, color="red", zorder=3, label=f"{profile} failed run")
+    ax.set_title(f"stackbuild smoke: {stack}")
+    ax.set_ylabel("tokens/s")
+    ax.set_xlabel("run (UTC)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return out

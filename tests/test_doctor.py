@@ -1,0 +1,97 @@
+"""Host checks: each check alone with prepared inputs, then the whole doctor for real."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+import builder.cli.build  # noqa: F401 - registers build/verify/doctor on main
+from builder import doctor as D
+from builder.build import parse_recipe
+from builder.cli import main
+from builder.errors import DoctorError
+
+DEAD = "unix:///nonexistent/stackbuild-doctor.sock"
+GB_KB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("STACKBUILD_BASE_IMAGE", raising=False)
+
+
+def test_meminfo_and_memory_check(tmp_path):
+    (tmp_path / "meminfo").write_text(f"MemTotal: {24 * GB_KB} kB\nMemFree: 1 kB\nSwapTotal: {8 * GB_KB} kB\n")
+    info = D.meminfo(tmp_path / "meminfo")
+    assert D.check_memory(32, info).status == D.OK
+    low = D.check_memory(160, info)
+    assert low.status == D.WARN and "RAM 24.0 GB + swap 8.0 GB = 32.0 GB" in low.detail and not low.required
+
+
+def test_disk_check(tmp_path):
+    assert D.check_disk(tmp_path / "not" / "yet", 0.001).status == D.OK
+    assert D.check_disk(tmp_path, 10 ** 9).status == D.FAIL
+
+
+def test_render_nodes(tmp_path):
+    assert D.check_render_nodes(tmp_path / "missing").status == D.FAIL
+    (tmp_path / "renderD128").touch()
+    (tmp_path / "card0").touch()
+    check = D.check_render_nodes(tmp_path)
+    assert check.status == D.OK and check.detail.startswith("renderD128")
+
+
+def test_groups():
+    import grp
+
+    assert D.check_groups(lambda: [], lambda: 1000).status == D.FAIL
+    assert D.check_groups(lambda: [], lambda: 0).status == D.OK
+    try:
+        gids = [grp.getgrnam("render").gr_gid, grp.getgrnam("video").gr_gid]
+    except KeyError:
+        return  # the host has no such groups: the FAIL above already covered "(no such group)"
+    assert D.check_groups(lambda: gids, lambda: 1000).status == D.OK
+
+
+def test_dead_engine_fails_the_doctor(tmp_path):
+    report = D.run_checks([parse_recipe({"recipe": "cpu"}, tmp_path)], engine_url=DEAD, disk_path=tmp_path)
+    assert not report["ok"]
+    docker = next(c for c in report["checks"] if c["name"] == "docker")
+    assert docker["status"] == D.FAIL and "not reachable" in docker["detail"]
+
+
+def test_doctor_cli_one_line_per_check(tmp_path):
+    result = CliRunner(mix_stderr=False).invoke(main, ["doctor", "--recipe", "xpu", "--engine", DEAD])
+    assert result.exit_code == DoctorError.exit_code
+    lines = result.stdout.splitlines()
+    names = [line[5:].split(":")[0] for line in lines]
+    assert names == ["docker", "disk", "memory", "base image (xpu)", "render nodes", "gpu groups"]
+    assert lines[0].startswith("FAIL docker")
+    memory = next(line for line in lines if " memory:" in line)
+    assert "recipe declares 160 GB" in memory
+
+
+@pytest.mark.docker
+def test_doctor_against_the_real_engine(tmp_path, monkeypatch):
+    from builder import engine as E
+    from builder.errors import EngineError
+
+    try:
+        E.connect()
+    except EngineError as exc:
+        if os.environ.get("STACKBUILD_REQUIRE_DOCKER"):
+            pytest.fail(f"STACKBUILD_REQUIRE_DOCKER is set but {exc}")
+        pytest.skip(f"no Docker Engine reachable: {exc}")
+    base = os.environ.get("STACKBUILD_BASE_IMAGE", "stackbuild/base:bookworm")
+    monkeypatch.setenv("STACKBUILD_BASE_IMAGE", base)
+    result = CliRunner(mix_stderr=False).invoke(main, ["doctor", "--recipe", "cpu", "--json"])
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["docker"]["status"] == D.OK and "Docker Engine 2" in checks["docker"]["detail"]
+    assert checks["base image (cpu)"]["status"] == D.OK
+    assert result.exit_code == (0 if report["ok"] else DoctorError.exit_code)
