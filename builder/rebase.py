@@ -39,7 +39,7 @@ STATE_VERSION = 1
 # The engine's committer: a commit made by a merge or a resolution looks like one made by apply.
 FIXED_IDENTITY = {"GIT_COMMITTER_NAME": IDENTITY, "GIT_COMMITTER_EMAIL": EMAIL, "GIT_COMMITTER_DATE": EPOCH}
 OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
-BATCH = 8  # in-memory commits per fast-import: few processes, and a crash repeats at most this many
+BATCH = 25  # in-memory commits per fast-import: few processes, and a crash repeats at most this many
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 from builder import rebase as rb
 from gitfixtures_rebase import lines, new_project, run
 
-PATCHES = 60
+PATCHES = 100
 
 
 def long_series(tmp_path):
