@@ -196,3 +196,25 @@ def test_decode_writes_plain_patch_and_updates_series(tmp_path):
     assert ex.series_entries((p.patch_dir / "series").read_text()) == ["0001-g.patch"]
     assert not (p.patch_dir / "0001-g.patch.gz.b64").exists()
     assert (p.patch_dir / "0001-g.patch").read_bytes().startswith(b"From 0000000000000000000000000000000000000000 ")
+
+
+def test_resolution_that_keeps_upstream_drops_the_patch_and_own_commit_is_accepted(tmp_path):
+    p, onto, _ = five_outcomes(tmp_path)
+    work = tmp_path / "work"
+    rb.start(p.plan(onto, work), drop_merged=True)
+    wt = work / "lab" / "vllm"
+    (wt / "e.txt").write_text(p.upstream.read(onto, "e.txt"))  # take theirs: nothing of ours is left
+    run("add", "e.txt", cwd=wt)
+    done = rb.resume(work / "lab" / ".rebase", "vllm", "continue")
+    assert done.status == "finished" and done.results[-1].dropped
+    assert "0005-e.patch" not in ex.series_entries((p.patch_dir / "series").read_text())
+
+    q, onto2, _ = five_outcomes(tmp_path / "again")
+    rb.start(q.plan(onto2, tmp_path / "again" / "work"), drop_merged=True)
+    wt2 = tmp_path / "again" / "work" / "lab" / "vllm"
+    (wt2 / "e.txt").write_text(q.upstream.read(onto2, "e.txt").replace("E5-theirs", "E5-mine"))
+    run("add", "e.txt", cwd=wt2)
+    run("commit", "-q", "--no-edit", cwd=wt2)  # commits with the cherry-pick's message, trailer included
+    done = rb.resume(tmp_path / "again" / "work" / "lab" / ".rebase", "vllm", "continue")
+    assert done.status == "finished" and not done.results[-1].dropped
+    assert b"+E5-mine" in (q.patch_dir / "0005-e.patch").read_bytes()
