@@ -377,27 +377,35 @@ def plan_export(
     )
 
 
+def _inline_entry(item) -> str:
+    if isinstance(item, str):
+        return str(item)
+    return str(item.get("file") or item.get("name") or str(item.get("url", "")).rstrip("/").rsplit("/", 1)[-1])
+
+
 def _edit_inline(text: str, edits: Mapping[str, tuple[list[str], dict[str, str]]]) -> str:
+    """Drops, renames and appends entries of `patches = [...]` in place, keeping comments."""
     doc = tomlkit.parse(text)
     for series, (names, renames) in edits.items():
         items = doc["series"][series]["patches"]
-        keep = []
-        for item in list(items):
-            entry = item if isinstance(item, str) else item.get("file") or item.get("name")
-            if isinstance(item, str) or "file" in item:
-                new = renames.get(str(entry), str(entry))
-                if new not in names:
-                    continue
-                if new != entry:
-                    if isinstance(item, str):
-                        item = new
-                    else:
-                        item["file"] = new
-            keep.append(item)
-        present = {str(i if isinstance(i, str) else i.get("file") or i.get("name")) for i in keep}
-        keep += [n for n in names if n not in present]
-        items.clear()
-        items.extend(keep)
+        present = set()
+        for i in range(len(items) - 1, -1, -1):
+            item = items[i]
+            old = _inline_entry(item)
+            new = renames.get(old, old)
+            local = isinstance(item, str) or "file" in item
+            if local and new not in names:
+                del items[i]
+                continue
+            if new != old:
+                if isinstance(item, str):
+                    items[i] = new
+                else:
+                    item["file"] = new
+            present.add(new)
+        for name in names:
+            if name not in present:
+                items.append(name)
     return tomlkit.dumps(doc)
 
 

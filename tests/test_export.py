@@ -159,3 +159,22 @@ def test_commit_files_writes_and_deletes(tmp_path):
     assert not a.exists() and b.read_bytes() == b"new"
     assert [p.name for p in tmp_path.rglob("*.tmp")] == []
     assert os.listdir(tmp_path / "d") == ["b"]
+
+
+def test_inline_series_in_stack_toml_is_edited_with_its_comments(tmp_path):
+    p, items = project(tmp_path)
+    text = p.stack_file.read_text().replace(
+        '[series.xpu]\nsource = "vllm"\n',
+        '[series.xpu]\nsource = "vllm"\npatches = [\n  "0001-a.patch",  # first\n  { file = "0002-b.patch.gz.b64" },\n]\n')
+    p.stack_file.write_text(text)
+    (p.patch_dir / "series").unlink()
+    current = {(p.series, n): d for n, d in p.entries}
+    spec = ex.SeriesSpec(p.series, p.patch_dir, inline=True)
+    only_b = replay_old(p.mirror, p.pin, [(p.series, p.entries[1][0], p.entries[1][1])])[0].old_commit
+    result = ex.plan_export(git_dir=p.mirror, base=p.pin, head=only_b, root=p.root, stack_file=p.stack_file,
+                            source="vllm", series=(spec,), current=current, decode_all=True)
+    ex.apply_export(result)
+    toml = p.stack_file.read_text()
+    assert '"0001-a.patch"' not in toml and 'file = "0002-b.patch"' in toml
+    assert toml.startswith("# The lab's stack.") and "# only one for now" in toml
+    assert (p.patch_dir / "0002-b.patch").is_file() and not (p.patch_dir / "0001-a.patch").exists()
