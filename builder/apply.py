@@ -613,7 +613,7 @@ def sha256_text(text: str) -> str:
 def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False) -> Prepared:
     stack = config.stack(name)
     patches = load_stack_patches(settings, config, stack)
-    synced = {s.name: sync(settings, s, progress=progress) for s in stack.sources}
+    synced = {s.name: sync(settings, s, root=config.root, progress=progress) for s in stack.sources}
     return Prepared(stack, patches, synced, {s.name: s.fuzz for s in stack.series})
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
 from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
+from .series import stack_patch_digests
 from .settings import Settings
 
 SCHEMA = 1
@@ -146,6 +147,15 @@ def _path(root: Path, value: str) -> Path:
     return (path if path.is_absolute() else root / path).resolve()
 
 
+BUILD_ARG_ENV = "STACKBUILD_BUILD_ARG_"
+
+
+def env_build_args() -> dict[str, str]:
+    """Host-specific build arguments (repository and index URLs) from STACKBUILD_BUILD_ARG_<NAME>,
+    so no index host has to be written into a stack file."""
+    return {k[len(BUILD_ARG_ENV):]: v for k, v in os.environ.items() if k.startswith(BUILD_ARG_ENV) and v}
+
+
 def parse_recipe(table: Mapping[str, Any], root: Path, w: Where | None = None, prefix: str = "build") -> Recipe:
     """The merged [build] table, plus environment overrides for host-specific inputs."""
     for key in table:
@@ -168,7 +178,7 @@ def parse_recipe(table: Mapping[str, Any], root: Path, w: Where | None = None, p
         name=name,
         dockerfile=dockerfile,
         base=str(base),
-        args=MappingProxyType(_str_map(w, f"{prefix}.args", table.get("args", {}))),
+        args=MappingProxyType({**_str_map(w, f"{prefix}.args", table.get("args", {})), **env_build_args()}),
         env=MappingProxyType(_str_map(w, f"{prefix}.env", table.get("env", {}))),
         wheelhouse=_path(root, str(wheelhouse)) if wheelhouse else None,
         ca_bundle=_path(root, str(ca)) if ca else None,
@@ -748,14 +758,12 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
     reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
     if reachable is not None:
         base_id = reachable.image_id(recipe.base)
-    from .series import load_stack_patches
-
-    loaded = load_stack_patches(settings, cfg, resolved)
+    digests = stack_patch_digests(cfg, resolved)
     keys: dict[str, str] = {}
     steps = []
     for name in order:
         job = jobs[name]
-        patches = _patch_inputs(loaded[name])
+        patches = tuple(PatchInput(d.label, d.sha256, b"", d.strip, d.directory) for d in digests[name])
         item = BuildInput(job.item.source, Path(), job.item.source.pin, patches)
         keys[name] = cache_key(item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs])
         steps.append({

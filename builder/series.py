@@ -167,6 +167,33 @@ def load_stack_patches(settings: Settings, config: Config, stack: ResolvedStack)
     return {name: tuple(p) for name, p in out.items()}
 
 
+@dataclass(frozen=True)
+class PatchDigest:
+    label: str
+    sha256: str
+    strip: int
+    directory: str
+
+
+def stack_patch_digests(config: Config, stack: ResolvedStack) -> dict[str, tuple[PatchDigest, ...]]:
+    """What identifies each source's patches, without fetching: a remote patch is named by its
+    pinned sha256 (it is verified against exactly that on every use), a local one is read."""
+    out: dict[str, list[PatchDigest]] = {s.name: [] for s in stack.sources}
+    for series in stack.series:
+        for ref in series_refs(series):
+            strip = ref.strip if ref.strip is not None else series.strip
+            if ref.remote:
+                digest = str(ref.sha256)
+            else:
+                path = series.patch_dir / ref.name
+                if not path.is_file():
+                    raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
+                                      hint="fix the name, or add the file")
+                digest = sha256(decode(path.read_bytes(), encoding_of(path.name), str(path)))
+            out[series.source].append(PatchDigest(f"{series.name}/{ref.name}", digest, strip, series.directory))
+    return {name: tuple(items) for name, items in out.items()}
+
+
 def rewrite_series_file(series: Series, renames: dict[str, str], drop: set[str] = frozenset()) -> None:
     """Rename or drop entries in place, keeping comments, blank lines and options."""
     path = series.series_file

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .archives import import_archive
 from .config import Source
 from .errors import SourceError
 from .fsutil import locked
@@ -77,12 +78,13 @@ def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, pr
     return out(["rev-parse", f"refs/stackbuild/refs/{ref}^{{commit}}"], git_dir=git_dir)
 
 
-def sync(settings: Settings, source: Source, *, progress: bool = False) -> Synced:
-    """Make sure the mirror holds the pin. Cheap when it already does: one `cat-file -e`."""
-    if source.kind != "git":
-        from .archives import import_archive  # archive imports need the build tooling only then
+def sync(settings: Settings, source: Source, *, root: Path | None = None, progress: bool = False) -> Synced:
+    """Make sure the mirror holds the pin. Cheap when it already does: one `cat-file -e`.
 
-        git_dir, commit = import_archive(settings, source)
+    ROOT is the stack file's folder: a relative archive path is read from there.
+    """
+    if source.kind != "git":
+        git_dir, commit = import_archive(settings, source, root=root)
         return Synced(source, git_dir, commit, fetched=False)
     git_dir = mirror_path(settings, source)
     sha = str(source.commit)

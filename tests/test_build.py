@@ -143,14 +143,18 @@ def test_xpu_plan_renders_without_intel_repositories(tmp_path, monkeypatch):
     """The XPU recipe cannot run here; its plan, commands and keys can."""
     monkeypatch.setenv("DOCKER_HOST", DEAD)
     runner = CliRunner(mix_stderr=False)
-    stack = REPO / "examples" / "xpu" / "stack.toml"
-    first = runner.invoke(main, ["--stack", str(stack), "build", "xpu", "--plan", "--json"])
+    stack = REPO / "stack.toml"  # the B70 lab's stacks
+    first = runner.invoke(main, ["--stack", str(stack), "build", "baseline", "--plan", "--json"])
     assert first.exit_code == 0, first.stderr
     plan = json.loads(first.stdout)
-    assert [s["source"] for s in plan["steps"]] == ["vllm-xpu-kernels", "llm-scaler", "vllm"]
+    assert [s["source"] for s in plan["steps"]][-1] == "vllm"
+    assert {s["source"] for s in plan["steps"]} == {"vllm-xpu-kernels", "llm-scaler", "vllm"}
     steps = {s["source"]: s for s in plan["steps"]}
     assert steps["vllm-xpu-kernels"]["env"] == {"MAX_JOBS": "2", "TORCH_XPU_ARCH_LIST": "bmg"}
-    assert steps["vllm"]["env"]["VLLM_TARGET_DEVICE"] == "xpu" and steps["vllm"]["needs"] == ["vllm-xpu-kernels"]
+    assert steps["vllm"]["env"]["VLLM_TARGET_DEVICE"] == "xpu"
+    assert steps["vllm"]["needs"] == ["vllm-xpu-kernels", "llm-scaler"]
+    # The promoted bundle enters vLLM's key by its pinned sha256, without fetching it.
+    assert [p["sha256"][:12] for p in steps["vllm"]["patches"]] == ["9bc955c852ed"]
     assert 'python -m pip install --no-deps "$DEPS"/*.whl' in steps["vllm"]["script"]
     assert "setup_moe_int4_only.py bdist_wheel" in steps["llm-scaler"]["script"]
     assert 'cd "$SRC"/vllm/custom-esimd-kernels-vllm' in steps["llm-scaler"]["script"]
@@ -158,7 +162,7 @@ def test_xpu_plan_renders_without_intel_repositories(tmp_path, monkeypatch):
     assert not any(s["key_resolved"] for s in plan["steps"])
     for s in plan["steps"]:
         subprocess.run(["bash", "-n"], input=s["script"].encode(), check=True)
-    again = json.loads(runner.invoke(main, ["--stack", str(stack), "build", "xpu", "--plan", "--json"]).stdout)
+    again = json.loads(runner.invoke(main, ["--stack", str(stack), "build", "baseline", "--plan", "--json"]).stdout)
     assert [s["key"] for s in again["steps"]] == [s["key"] for s in plan["steps"]]
     dockerfile = (REPO / "containers" / "Dockerfile.xpu").read_text()
     assert "source /opt/intel/oneapi/compiler/2025.3/env/vars.sh" in dockerfile
@@ -168,13 +172,14 @@ def test_xpu_plan_renders_without_intel_repositories(tmp_path, monkeypatch):
 
 def test_plan_keys_follow_dependencies(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", DEAD)
-    shutil.copytree(REPO / "examples" / "xpu", tmp_path / "xpu")
-    stack = tmp_path / "xpu" / "stack.toml"
+    (tmp_path / "lab").mkdir()
+    shutil.copy(REPO / "stack.toml", tmp_path / "lab" / "stack.toml")
+    stack = tmp_path / "lab" / "stack.toml"
     cfg = load_config(stack)
-    before = {s["source"]: s["key"] for s in B.plan_stack(B_settings(cfg), cfg, "xpu")["steps"]}
+    before = {s["source"]: s["key"] for s in B.plan_stack(B_settings(cfg), cfg, "baseline")["steps"]}
     stack.write_text(stack.read_text().replace('TORCH_XPU_ARCH_LIST = "bmg"', 'TORCH_XPU_ARCH_LIST = "bmg,pvc"'))
     cfg = load_config(stack)
-    after = {s["source"]: s["key"] for s in B.plan_stack(B_settings(cfg), cfg, "xpu")["steps"]}
+    after = {s["source"]: s["key"] for s in B.plan_stack(B_settings(cfg), cfg, "baseline")["steps"]}
     assert after["llm-scaler"] == before["llm-scaler"]
     assert after["vllm-xpu-kernels"] != before["vllm-xpu-kernels"]
     assert after["vllm"] != before["vllm"]  # it needs the kernels wheel

@@ -12,6 +12,7 @@ from ..errors import ApplyError, ConfigError
 from ..report import console, junit, patch_table, simple_table
 from ..series import describe_series, unused_patch_files
 from ..sources import sync
+from ..up import up
 from . import Context, emit, fail, json_option, main, pass_ctx, run
 
 
@@ -36,7 +37,7 @@ def sources_sync(ctx: Context, names: tuple[str, ...]) -> None:
                               hint=f"sources: {', '.join(config.sources)}")
         out = []
         for name in names or list(config.sources):
-            done = sync(settings, config.sources[name], progress=not ctx.as_json and sys.stderr.isatty())
+            done = sync(settings, config.sources[name], root=config.root, progress=not ctx.as_json and sys.stderr.isatty())
             out.append({"source": name, "pin": config.sources[name].pin, "commit": done.commit,
                         "mirror": str(done.git_dir), "fetched": done.fetched})
         return out
@@ -180,3 +181,51 @@ def status_cmd(ctx: Context, stacks: tuple[str, ...]) -> None:
             for r in rows]))
 
     emit(ctx, run(ctx, go), render)
+
+
+@main.command("up")
+@click.argument("stack", required=False)
+@click.option("--profile", help="Smoke profile (default: the stack's).")
+@click.option("--engine", "engines", multiple=True, metavar="URL", help="Docker Engine(s) to build on.")
+@click.option("--force", is_flag=True, help="Rebuild and re-smoke even when results exist.")
+@click.option("--no-smoke", is_flag=True, help="Stop after the build.")
+@json_option
+@pass_ctx
+def up_cmd(ctx: Context, stack: str | None, profile: str | None, engines: tuple[str, ...], force: bool,
+           no_smoke: bool) -> None:
+    """The whole job for STACK: sync, apply, build, smoke; each skipped when its result exists.
+
+    Without STACK, the stack file's only stack (or the one named 'default') is used.
+    """
+
+
+    def go():
+        config = ctx.config()
+        name = stack or _default_stack(config)
+        say = (lambda m: None) if ctx.as_json else (lambda m: click.echo(f"  {m}", err=True))
+        return up(ctx.settings(config), config, name, profile=profile, force=force, engine_urls=engines,
+                  smoke=not no_smoke, say=say,
+                  on_step=(lambda s: None) if ctx.as_json else
+                  (lambda s: click.echo(f"[{s.name}] {s.status} in {s.seconds:.1f} s {s.detail}", err=True)))
+
+    report = run(ctx, go)
+
+    def render(data: dict) -> None:
+        console.print(simple_table(f"stackbuild up {data['stack']}", ["step", "status", "time", "result", "where"], [
+            (s["name"], s["status"], f"{s['seconds']:.1f} s" if s["status"] != "not run" else "", s["detail"], s["where"])
+            for s in data["steps"]]))
+
+    emit(ctx, report.to_json(), render)
+    if report.error is not None:
+        if ctx.as_json:
+            sys.exit(report.error.exit_code)
+        fail(ctx, report.error)
+
+
+def _default_stack(config) -> str:
+    if len(config.stacks) == 1:
+        return next(iter(config.stacks))
+    if "default" in config.stacks:
+        return "default"
+    raise ConfigError("more than one stack and none named 'default'", where=str(config.path),
+                      hint=f"name one: {', '.join(config.stacks)}")
