@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -516,7 +516,17 @@ class Engine:
         parts = path.split("/")
         self.dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
 
-    # -- the public step
+    # -- the public steps
+
+    def probe(self, patch: Patch) -> bool:
+        """Does PATCH apply as it is (clean or at an offset)? Kept in memory when it does; nothing
+        is written and no three-way merge is tried, which keeps bisect probes cheap."""
+        if any(f.needs_git for f in patch.files):
+            return self.step(patch, track=False).outcome in (CLEAN, OFFSET)
+        writes, failed, _, _ = self._try(patch, patch.files, 0, False)
+        if not failed:
+            self._record(patch, writes)
+        return not failed
 
     def step(self, patch: Patch, *, fuzz: int | None = None, track: bool = True) -> PatchResult:
         allowed = self.fuzz if fuzz is None else fuzz
@@ -879,6 +889,16 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                     error = _failure_error(name, src.name, result.first_failure)
             atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
         return ApplyReport(name, tuple(reports), error)
+
+
+def record_worktree(root: Path, source: str, *, git_dir: Path, base: str, head: str) -> None:
+    """Note a worktree's new head made outside `apply` (a finished rebase) in the stack's work
+    folder ROOT, so the next apply moves it without --force. No digest: that apply replays the
+    exported files."""
+    path = root / STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {"stack": root.name, "sources": {}}
+    state["sources"][source] = {"git_dir": str(git_dir), "base": base, "head": head, "digest": None, "patches": []}
+    atomic_write(path, json.dumps(state, indent=2).encode())
 
 
 # ---- status

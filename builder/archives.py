@@ -201,6 +201,17 @@ def _unpack(archive: Path, into: Path) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
 
 
+def imported_commit(settings: Settings, source: Source) -> str | None:
+    """The import commit when this archive is already in the cache, found without any network."""
+    sha = source.sha256
+    if source.kind == "pypi" and sha is None:
+        match = PYPI_PIN_RE.match(str(source.pypi))
+        memo = settings.cache_dir / "archives" / "pypi" / (f"{match.group(1)}-{match.group(2)}.json" if match else "-")
+        sha = json.loads(memo.read_text())["sha256"] if memo.is_file() else None
+    marker = settings.cache_dir / "archives" / "git" / f"{sha}.git" / "stackbuild-import"
+    return marker.read_text().strip() if sha and marker.is_file() else None
+
+
 def import_archive(settings: Settings, source: Source, root: Path | None = None) -> tuple[Path, str]:
     """(bare git dir, commit) holding the archive as one deterministic commit; cached by sha256."""
     path, sha = fetch_archive(settings, source, root)

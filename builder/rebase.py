@@ -266,15 +266,7 @@ def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, .
     engine = apply.Engine(git_dir, commit, paths={p for patch in patches for p in patch.paths})
     try:
         verdicts = []
-        for patch in patches:
-            if any(f.needs_git for f in patch.files):
-                verdicts.append(engine.step(patch, track=False).outcome in (apply.CLEAN, apply.OFFSET))
-                continue
-            writes, failed, _offset, _fuzz = engine._try(patch, patch.files, 0, False)  # noqa: SLF001
-            if not failed:
-                engine._record(patch, writes)  # noqa: SLF001 - queued only; a probe never flushes
-            verdicts.append(not failed)
-        return tuple(verdicts)
+        return tuple(engine.probe(patch) for patch in patches)
     finally:
         engine.close()
 
@@ -518,7 +510,7 @@ def _run(state_dir: Path, state: State) -> Report:
         state = replace(state, phase="exporting")
         save_state(state_dir, state)
     export = _export(state)
-    _record_for_apply(state_dir, state)
+    apply.record_worktree(state_dir.parent, state.source, git_dir=Path(state.mirror), base=state.onto, head=state.head)
     report = _report(state, "finished", export=export.to_json())
     _write_report(state_dir, report)
     _cleanup(state_dir, state.source)
@@ -646,16 +638,6 @@ def _export(state: State):
                           hint=(exc.hint or "") + "; fix it, then `stackbuild rebase --continue` (or --abort)") from None
     apply_export(result)
     return result
-
-
-def _record_for_apply(state_dir: Path, state: State) -> None:
-    """Tell apply the worktree now holds the rebased series, so it moves it without --force.
-    No digest: the next apply replays the exported files, and lands on these very commits."""
-    path = state_dir.parent / apply.STATE_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {"stack": state.stack, "sources": {}}
-    record["sources"][state.source] = {"git_dir": state.mirror, "base": state.onto, "head": state.head, "digest": None,
-                                       "patches": []}
-    atomic_write(path, json.dumps(record, indent=2).encode())
 
 
 def _abort(state_dir: Path, state: State) -> Report:

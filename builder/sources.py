@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .archives import import_archive
+from .archives import import_archive, imported_commit
 from .config import Source
 from .errors import SourceError
 from .fsutil import locked
@@ -84,8 +84,9 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
     ROOT is the stack file's folder: a relative archive path is read from there.
     """
     if source.kind != "git":
+        known = imported_commit(settings, source)
         git_dir, commit = import_archive(settings, source, root=root)
-        return Synced(source, git_dir, commit, fetched=False)
+        return Synced(source, git_dir, commit, fetched=known is None)
     git_dir = mirror_path(settings, source)
     sha = str(source.commit)
     if (git_dir / "HEAD").is_file() and has_commit(git_dir, sha):

@@ -17,7 +17,7 @@ from .config import Config, thaw
 from .errors import StackbuildError
 from .fsutil import atomic_write
 from .settings import Settings
-from .sources import has_commit, mirror_path, sync
+from .sources import sync
 
 STEPS = ("sync", "apply", "build", "smoke")
 
@@ -82,15 +82,10 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
         return True
 
     def do_sync() -> tuple[str, str, str]:
-        fetched = []
-        for src in resolved.sources:
-            if src.kind == "git" and (mirror_path(settings, src) / "HEAD").is_file() \
-                    and has_commit(mirror_path(settings, src), str(src.commit)):
-                continue
-            done = sync(settings, src, root=config.root, progress=True)
-            fetched.append(f"{src.name}@{done.commit[:12]}")
+        done = [sync(settings, src, root=config.root, progress=True) for src in resolved.sources]
+        fetched = [f"{d.source.name}@{d.commit[:12]}" for d in done if d.fetched]
         where = str(settings.mirror_dir)
-        return ("done", "fetched " + ", ".join(fetched), where) if fetched else ("skipped", "pins already in the mirrors", where)
+        return ("done", "fetched " + ", ".join(fetched), where) if fetched else ("skipped", "pins already in the cache", where)
 
     def do_apply() -> tuple[str, str, str]:
         report = apply_stack(settings, config, stack)
