@@ -58,9 +58,22 @@ def locked(path: Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+_shielded = False
+
+
+def shielded() -> bool:
+    """True inside `deferred_interrupts`: child processes must not see a terminal's Ctrl-C either."""
+    return _shielded
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C/SIGTERM during the few calls that move refs, then deliver it once they are done."""
+    """Hold Ctrl-C/SIGTERM during the few calls that move refs, then deliver it once they are done.
+
+    A terminal's Ctrl-C goes to the whole foreground process group, so git children started
+    meanwhile run in a session of their own (see git.git) and finish their checkout.
+    """
+    global _shielded
     pending: list[int] = []
 
     def hold(signum: int, _frame: object) -> None:
@@ -71,9 +84,11 @@ def deferred_interrupts() -> Iterator[None]:
     except ValueError:  # not the main thread: signals cannot be caught here anyway
         yield
         return
+    _shielded = True
     try:
         yield
     finally:
+        _shielded = False
         for s, handler in previous.items():
             signal.signal(s, handler)
         if pending:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .errors import SourceError, StackbuildError
+from .fsutil import shielded
 
 # Identity and dates are fixed so equal inputs give equal commits, whoever runs the tool.
 IDENTITY = "stackbuild"
@@ -39,7 +40,8 @@ def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = 
     if git_dir is not None:
         cmd.append(f"--git-dir={git_dir}")
     cmd.extend(args)
-    proc = subprocess.run(cmd, cwd=cwd, input=input, env=base_env(env), capture_output=True)
+    proc = subprocess.run(cmd, cwd=cwd, input=input, env=base_env(env), capture_output=True,
+                          start_new_session=shielded())
     if check and proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         raise error(f"git {args[0]} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",

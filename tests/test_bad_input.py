@@ -167,8 +167,10 @@ class HangingServer:
 
 
 def _cli(root: Path, *args: str) -> subprocess.Popen:
+    # A session of its own: a terminal's Ctrl-C reaches the whole group, and so does ours (killpg).
     return subprocess.Popen([sys.executable, "-m", "builder.cli", "--stack", str(root / "stack.toml"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
+                            start_new_session=True)
 
 
 def test_ctrl_c_and_lock_leave_previous_state(tmp_path: Path, upstream: Upstream, pinned: str):
@@ -202,7 +204,8 @@ def test_ctrl_c_and_lock_leave_previous_state(tmp_path: Path, upstream: Upstream
 
 
 def test_interrupt_during_replay_keeps_old_worktree(tmp_path: Path, upstream: Upstream, pinned: str):
-    """SIGINT at many points of a longer apply: the worktree is always the old or the new state."""
+    """Ctrl-C (to the whole process group, git children included) at many points of a longer
+    apply: the worktree is always the old or the new state, never half moved."""
     patches = {}
     for i in range(1, 41):
         content = body(**{f"l{j}": f"patched {j}" for j in range(1, i + 1)})
@@ -220,10 +223,10 @@ def test_interrupt_during_replay_keeps_old_worktree(tmp_path: Path, upstream: Up
     for n, data in patches.items():
         (root / "patches/s1" / n).write_bytes(data)
     final = body(**{f"l{j}": f"patched {j}" for j in range(1, 41)})
-    for delay in (0.05, 0.2, 0.4, 0.6):
+    for delay in (0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8):
         proc = _cli(root, "apply", "demo")
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=60)
         assert proc.returncode in (0, 130, -signal.SIGINT)  # -SIGINT: stopped before Python took the signal
         text = (wt / "a.txt").read_text()
