@@ -314,8 +314,9 @@ class Engine:
         Listing a vLLM-size tree whole costs more than applying 200 patches; a listing by
         pathspec also tells which prefixes are folders and which are symlinks.
         """
+        named = set(paths)
         specs: set[str] = set()
-        for path in paths:
+        for path in named:
             parts = path.split("/")
             specs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
         ordered = sorted(specs)
@@ -328,10 +329,17 @@ class Engine:
                     meta, raw = item.split(b"\t", 1)
                     mode, _kind, sha = meta.split()
                     path = raw.decode("utf-8", "surrogateescape")
+                    # ls-tree descends into a folder a deeper pathspec names and lists its siblings
+                    # too, without listing the folder itself: folders are also known by what is in them.
+                    self._add_dirs(path)
                     if mode == b"040000":
                         self.dirs.add(path)
                     else:
                         self.entries[path] = _Entry(mode.decode(), sha.decode())
+        wanted = [self.entries[p] for p in named if p in self.entries and self.entries[p].mode != "160000"]
+        blobs = self.cat.read_many(sorted({str(e.sha) for e in wanted}))
+        for entry in wanted:
+            entry.data = blobs.get(str(entry.sha)) or b""
 
     # -- reading the current tree
 

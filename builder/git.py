@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -71,6 +72,30 @@ class CatFile:
         data = self.proc.stdout.read(size)
         self.proc.stdout.read(1)
         return data
+
+    def read_many(self, specs: list[str]) -> dict[str, bytes | None]:
+        """One pipelined round trip for many objects: requests are written by a thread while the
+        answers are read, so neither pipe can fill up and stall the other."""
+        assert self.proc.stdin and self.proc.stdout
+        stdin, stdout = self.proc.stdin, self.proc.stdout
+
+        def write() -> None:
+            stdin.write(b"".join(s.encode() + b"\n" for s in specs))
+            stdin.flush()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        found: dict[str, bytes | None] = {}
+        for spec in specs:
+            header = stdout.readline()
+            if header.endswith(b" missing\n") or header.endswith(b" ambiguous\n"):
+                found[spec] = None
+                continue
+            size = int(header.split()[2])
+            found[spec] = stdout.read(size)
+            stdout.read(1)
+        writer.join()
+        return found
 
     def close(self) -> None:
         if self.proc.stdin:

@@ -30,6 +30,8 @@ NULL = "/dev/null"
 
 def split_lf(data: bytes) -> list[bytes]:
     """Lines end at LF only, with their LF kept: a CR inside a line is content, as git sees it."""
+    if b"\r" not in data:
+        return data.splitlines(keepends=True)  # the same split without CRs, done in C
     parts = data.split(b"\n")
     lines = [p + b"\n" for p in parts[:-1]]
     if parts[-1]:
