@@ -574,8 +574,12 @@ class Engine:
 
 
 def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0, stop_at_failure: bool = True,
-           overlaps: bool = False, fuzz_for: Callable[[Patch], int] | None = None) -> Replay:
-    """Apply PATCHES over BASE as commits, in memory; only objects are written, no ref moves."""
+           overlaps: bool = False, fuzz_for: Callable[[Patch], int] | None = None, write: bool = True) -> Replay:
+    """Apply PATCHES over BASE as commits, in memory; only objects are written, no ref moves.
+
+    With WRITE false only verdicts are wanted (check): commits are written only where a patch
+    has to go through git (three-way, binary), and the head is then the last one written.
+    """
     engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps, paths={p for patch in patches for p in patch.paths})
     try:
         results: list[PatchResult] = []
@@ -584,7 +588,8 @@ def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0,
             results.append(result)
             if not result.ok and stop_at_failure:
                 break
-        engine.flush()
+        if write:
+            engine.flush()
         results = [replace(r, commit=engine.commits.get(id(r.patch))) for r in results]
         return Replay(engine.base, engine.head, tuple(results), tuple(_merge_overlaps(engine.overlaps or [])))
     finally:
@@ -646,11 +651,11 @@ class AppliedSource:
 
 
 def _replay_source(prep: Prepared, source: str, base: str | None = None, *, allow_fuzz: int = 0,
-                   stop_at_failure: bool = True, overlaps: bool = False) -> Replay:
+                   stop_at_failure: bool = True, overlaps: bool = False, write: bool = True) -> Replay:
     synced = prep.synced[source]
     return replay(synced.git_dir, base or synced.commit, prep.patches[source], fuzz=allow_fuzz,
                   stop_at_failure=stop_at_failure, overlaps=overlaps,
-                  fuzz_for=lambda p: prep.fuzz.get(p.series, 0))
+                  fuzz_for=lambda p: prep.fuzz.get(p.series, 0), write=write)
 
 
 def materialize(settings: Settings, config: Config, name: str, *, progress: bool = False) -> dict[str, AppliedSource]:
@@ -691,7 +696,7 @@ class SourceCheck:
     replay: Replay
 
     def to_json(self) -> dict:
-        return {"source": self.source, "base": self.base, "at": self.at, "head": self.replay.head,
+        return {"source": self.source, "base": self.base, "at": self.at,
                 "ok": self.replay.ok, "patches": [r.to_json() for r in self.replay.results],
                 "overlaps": [o.to_json() for o in self.replay.overlaps]}
 
@@ -737,7 +742,8 @@ def check_stacks(settings: Settings, config: Config, names: Sequence[str], *, at
             ref = refs.get(src.name) or (refs.get(None) if src.kind == "git" else None)
             synced = prep.synced[src.name]
             base = fetch_ref(settings, src, synced.git_dir, ref, progress=progress) if ref else synced.commit
-            result = _replay_source(prep, src.name, base, allow_fuzz=allow_fuzz, stop_at_failure=False, overlaps=True)
+            result = _replay_source(prep, src.name, base, allow_fuzz=allow_fuzz, stop_at_failure=False, overlaps=True,
+                                    write=False)
             checks.append(SourceCheck(src.name, base, ref, result))
         reports.append(StackCheck(name, tuple(checks)))
     return tuple(reports)
