@@ -26,7 +26,7 @@ from .errors import ApplyError, PatchError
 from .fsutil import atomic_write, deferred_interrupts, locked
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
 from .patches import FileDiff, Hunk, Patch, split_lf
-from .series import load_series, load_stack_patches
+from .series import load_stack_patches, stack_patch_digests
 from .settings import Settings
 from .sources import Synced, fetch_ref, sync
 
@@ -924,10 +924,8 @@ def status(settings: Settings, config: Config, names: Sequence[str]) -> list[dic
     for name in names or sorted(config.stacks):
         stack = config.stack(name)
         state = read_state(settings, name)
-        current: dict[str, dict[str, str]] = {}
-        for s in stack.series:
-            for p in load_series(settings, s):
-                current.setdefault(s.source, {})[p.label] = p.sha256
+        current = {src: {d.label: d.sha256 for d in digests}
+                   for src, digests in stack_patch_digests(config, stack).items()}
         for src in stack.sources:
             wt = stack_dir(settings, name) / src.name
             rec = state["sources"].get(src.name)
