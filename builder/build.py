@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
 from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
 from .series import stack_patch_digests
+from .sources import tree_archive
 from .settings import Settings
 
 SCHEMA = 1
@@ -148,6 +148,7 @@ def _path(root: Path, value: str) -> Path:
 
 
 BUILD_ARG_ENV = "STACKBUILD_BUILD_ARG_"
+CONTAINER_CACHE = "/var/cache/stackbuild"  # where bind-mounted pip/ccache caches appear in a build
 
 
 def env_build_args() -> dict[str, str]:
@@ -534,17 +535,18 @@ def build_inputs(
             with image_lock:
                 image = _ensure_image(eng, recipe, base_id, progress)
             commit = resolve(job.item)
-            tree = subprocess.run(["git", "--git-dir", str(job.item.git_dir), "archive", "--format=tar", commit],
-                                  capture_output=True, check=True).stdout
+            tree = tree_archive(settings, job.item.source, job.item.git_dir, commit)
             deps = [_cache_dir(settings, keys[n]) / w["file"] for n in job.spec.needs
                     for w in (_load_cached(settings, keys[n]) or {"wheels": []})["wheels"]]
             script = build_script(recipe, job.spec, bool(deps))
             env = source_env(recipe, job.spec)
-            mounts = {str(path): f"/root/.cache/{kind}" for kind, path in recipe.caches.items()}
+            mounts = {str(path): f"{CONTAINER_CACHE}/{kind}" for kind, path in recipe.caches.items()}
             for path in recipe.caches.values():
                 path.mkdir(parents=True, exist_ok=True)
             if "ccache" in recipe.caches:
-                env = {"CCACHE_DIR": "/root/.cache/ccache", **env}
+                env = {"CCACHE_DIR": f"{CONTAINER_CACHE}/ccache", **env}
+            if "pip" in recipe.caches:
+                env = {"PIP_CACHE_DIR": f"{CONTAINER_CACHE}/pip", **env}
             try:
                 code, blob = eng.run(image, ["/bin/bash", f"{INSIDE}/build.sh"], env=env,
                                      inputs=_input_tar(tree, script, recipe, deps), output=f"{INSIDE}/out",

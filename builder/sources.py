@@ -8,7 +8,10 @@ sources are imported as one deterministic commit by `archives.import_archive`.
 from __future__ import annotations
 
 import hashlib
+import io
+import posixpath
 import re
+import tarfile
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -146,7 +149,37 @@ def submodules_of(git_dir: Path, commit: str) -> list[Submodule]:
             if "path" in v and "url" in v and v["path"] in links]
 
 
+def _child(source: Source, sub: Submodule) -> Source:
+    url = sub.url
+    if url.startswith(("./", "../")):  # relative to the superproject's own URL, as git resolves it
+        url = posixpath.normpath(posixpath.join(str(source.url).rstrip("/"), url)).replace(":/", "://", 1)
+    return Source(name=f"{source.name}.{sub.path.replace('/', '.')}", kind="git", url=url, commit=sub.commit,
+                  submodules=True)
+
+
 def sync_submodules(settings: Settings, source: Source, git_dir: Path, commit: str, *, progress: bool = False) -> None:
     for sub in submodules_of(git_dir, commit):
-        child = Source(name=f"{source.name}.{Path(sub.path).name}", kind="git", url=sub.url, commit=sub.commit)
-        sync(settings, child, progress=progress)
+        sync(settings, _child(source, sub), progress=progress)
+
+
+def tree_archive(settings: Settings, source: Source, git_dir: Path, commit: str) -> bytes:
+    """The tree of COMMIT as a tar, with the source's submodules (recursively) at their paths:
+    `git archive` alone leaves submodule folders empty, and a build needs their files."""
+    data = git(["archive", "--format=tar", commit], git_dir=git_dir).stdout
+    if not source.submodules:
+        return data
+    subs = submodules_of(git_dir, commit)
+    if not subs:
+        return data
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as merged:
+        for blob, prefix in [(data, ""), *((tree_archive(settings, _child(source, sub),
+                                                          mirror_path(settings, _child(source, sub)), sub.commit),
+                                            sub.path + "/") for sub in subs)]:
+            with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as part:
+                for member in part.getmembers():
+                    if member.name == "pax_global_header" or member.type == tarfile.XGLTYPE:
+                        continue
+                    member.name = prefix + member.name
+                    merged.addfile(member, part.extractfile(member) if member.isfile() else None)
+    return out.getvalue()
