@@ -7,10 +7,14 @@ _sb_docker_setup() {
     local log="${STACKBUILD_DOCKERD_LOG:-/var/log/stackbuild-dockerd.log}"
     local started
 
-    if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+    # Only what is missing: a host with Docker CE already has an engine that docker.io would fight.
+    local wanted=()
+    command -v dockerd >/dev/null 2>&1 || wanted+=(docker.io)
+    command -v debootstrap >/dev/null 2>&1 || wanted+=(debootstrap)
+    if [ ${#wanted[@]} -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
+        apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
     fi
 
     # Debian's docker.io client (/usr/bin/docker) works with the legacy builder; a newer client
