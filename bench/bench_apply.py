@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.apply import replay  # noqa: E402
+from builder.apply import move_worktree, replay  # noqa: E402
 from builder.patches import parse_patch  # noqa: E402
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
@@ -152,9 +152,7 @@ def main() -> None:
 
             def ours_apply() -> None:
                 res = replay(mirror, base, patches)
-                holder["applied"] = res
-                git("read-tree", "-m", "-u", base, res.head, cwd=wt)
-                git("update-ref", "refs/heads/stackbuild/bench", res.head, base, cwd=wt)
+                move_worktree(mirror, wt, "stackbuild/bench", base, res.head, force=False)
 
             results["stackbuild apply"].append(timed(ours_apply))
             assert git("rev-parse", "HEAD^{tree}", cwd=wt).decode().strip() == tip_tree

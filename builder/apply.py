@@ -331,7 +331,9 @@ class Engine:
                     path = raw.decode("utf-8", "surrogateescape")
                     # ls-tree descends into a folder a deeper pathspec names and lists its siblings
                     # too, without listing the folder itself: folders are also known by what is in them.
-                    self._add_dirs(path)
+                    parent = path.rpartition("/")[0]
+                    if parent and parent not in self.dirs:
+                        self._add_dirs(path)
                     if mode == b"040000":
                         self.dirs.add(path)
                     else:
@@ -832,7 +834,7 @@ def _inspect_worktree(wt: Path, branch: str, recorded: str | None, force: bool) 
     return head
 
 
-def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
+def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
     """A worktree is a clone sharing the mirror's objects, so several work dirs can hold one stack."""
     if current is None:
         try:
@@ -840,7 +842,7 @@ def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, ne
             git(["clone", "-q", "--shared", "--no-checkout", str(git_dir), str(wt)], error=ApplyError,
                 hint="check disk space and permissions of the work directory")
             _wt_git(wt, ["config", "core.hooksPath", "/dev/null"])
-            _wt_git(wt, ["checkout", "-q", "-B", branch, new])
+            _wt_git(wt, ["-c", "checkout.workers=0", "checkout", "-q", "-B", branch, new])
         except BaseException:
             shutil.rmtree(wt, ignore_errors=True)
             raise
@@ -851,7 +853,8 @@ def _move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, ne
         _wt_git(wt, ["checkout", "-q", "-f", "-B", branch, new])
         action = "updated"
     else:
-        _wt_git(wt, ["read-tree", "-m", "-u", current, new],
+        # Parallel checkout: writing the changed files is most of an apply's wall time.
+        _wt_git(wt, ["-c", "checkout.workers=0", "read-tree", "-m", "-u", current, new],
                 hint="an untracked file in the worktree is in the way; move it and re-run")
         _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
         action = "updated"
@@ -891,7 +894,7 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
             for src, wt, current, result, digest in plans:
                 synced = prep.synced[src.name]
                 head = current if result is None else result.head
-                action = "unchanged" if result is None else _move_worktree(synced.git_dir, wt, branch, current, head, force)
+                action = "unchanged" if result is None else move_worktree(synced.git_dir, wt, branch, current, head, force)
                 complete = result is None or result.ok
                 state["sources"][src.name] = {
                     "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,
