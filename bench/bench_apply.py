@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from builder.apply import move_worktree, replay  # noqa: E402
+from timing import timed  # noqa: E402
 from builder.patches import parse_patch  # noqa: E402
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b",
@@ -84,12 +85,6 @@ def settle(checkout: Path) -> None:
     time.sleep(1.1)
     git("update-index", "-q", "--refresh", cwd=checkout)
     git("status", "--porcelain", cwd=checkout)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +36,7 @@ from builder import rebase as rb  # noqa: E402
 from builder.config import load_config  # noqa: E402
 from builder.export import canonical_patch  # noqa: E402
 from builder.settings import load_settings  # noqa: E402
+from timing import timed  # noqa: E402
 
 LINES = 200
 ENV = {
@@ -116,12 +116,6 @@ def make_series(upstream: Path, pin: str, patches: int, patch_dir: Path) -> list
             names.append(name)
     (patch_dir / "series").write_text("".join(f"{n}\n" for n in names))
     return names
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
