@@ -57,7 +57,7 @@ def run(ctx: Context, fn: Callable[[], Any]) -> Any:
     except StackbuildError as exc:
         fail(ctx, exc)
     except KeyboardInterrupt:
-        fail(ctx, Interrupted("interrupted; the previous state was kept"))
+        fail(ctx, INTERRUPTED)
 
 
 def fail(ctx: Context, exc: StackbuildError) -> None:
@@ -67,7 +67,22 @@ def fail(ctx: Context, exc: StackbuildError) -> None:
     sys.exit(exc.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+INTERRUPTED = Interrupted("interrupted", hint="run the command again: finished steps are kept, an unfinished one left nothing behind")
+
+
+class Group(click.Group):
+    """Ctrl-C anywhere (parsing, rendering) exits 130 like an interrupt inside a command, not
+    with click's "Aborted!" and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(f"stackbuild: {INTERRUPTED.kind} error: {INTERRUPTED}", err=True)
+            sys.exit(INTERRUPTED.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--stack", "stack_file", envvar="STACKBUILD_STACK", metavar="PATH",
               help="stack.toml to use (default: ./stack.toml or the nearest parent's).")
 @click.option("--work-dir", envvar="STACKBUILD_WORK", metavar="DIR", help="Where worktrees go (default: work/).")
