@@ -21,7 +21,7 @@ _sb_vllm() {
         return 1
     fi
     local start=$SECONDS
-    (cd "$root" && STACKBUILD_CACHE="${STACKBUILD_TEST_CACHE:-${STACKBUILD_CACHE:-}}" "$py" -c 'import builder.cli.smoke; from builder.cli import main; main()' \
+    (cd "$root" && STACKBUILD_CACHE="${STACKBUILD_TEST_CACHE:-${STACKBUILD_CACHE:-}}" "$py" -m builder.cli \
         --stack tests/data/smoke/vllm-cpu.toml smoke vllm-cpu --prepare-only) || return 1
     echo "vllm.sh: serving venv ready in $((SECONDS - start)) s" >&2
 }

@@ -66,8 +66,9 @@ def make_series(repo: Path, names: list[str], patches: int, rng: random.Random) 
             lines = path.read_text().splitlines(keepends=True)
             hunk_count = 1 + (1 if hunks_left > 0 and rng.random() < 0.35 else 0)
             hunks_left -= hunk_count - 1
+            at = rng.randrange(10, len(lines) - 10)
             for h in range(hunk_count):
-                at = rng.randrange(10, len(lines) - 10) if h == 0 else min(len(lines) - 5, at + 40)
+                at = at if h == 0 else min(len(lines) - 5, at + 40)
                 lines[at] = lines[at].rstrip("\n") + f"  # patched {n}\n"
                 lines.insert(at + 1, f"    pass  # added by patch {n}\n")
             path.write_text("".join(lines))

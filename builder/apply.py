@@ -11,7 +11,6 @@ very end, with interrupts held, so a failure leaves the previous state as it was
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 from .config import Config, ResolvedStack, Source
 from .errors import ApplyError, PatchError
-from .fsutil import atomic_write, deferred_interrupts, locked
+from .fsutil import atomic_write, deferred_interrupts, locked, sha256
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
 from .patches import FileDiff, Hunk, Patch, split_lf
 from .series import load_stack_patches, stack_patch_digests
@@ -628,11 +627,7 @@ class Prepared:
         parts = [ENGINE_VERSION, self.synced[source].commit]
         for p in self.patches[source]:
             parts.append(f"{p.label}\0{p.strip}\0{p.directory}\0{p.sha256}\0{self.fuzz.get(p.series, 0)}")
-        return sha256_text("\n".join(parts))
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+        return sha256("\n".join(parts).encode())
 
 
 def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False) -> Prepared:
@@ -660,9 +655,11 @@ def _replay_source(prep: Prepared, source: str, base: str | None = None, *, allo
                   fuzz_for=lambda p: prep.fuzz.get(p.series, 0), write=write)
 
 
-def materialize(settings: Settings, config: Config, name: str, *, progress: bool = False) -> dict[str, AppliedSource]:
-    """Every source of the stack with its patches applied as commits; no worktree, no ref moved."""
-    prep = prepare(settings, config, name, progress=progress)
+def materialize(settings: Settings, config: Config, name: str, *, prep: Prepared | None = None,
+                progress: bool = False) -> dict[str, AppliedSource]:
+    """Every source of the stack with its patches applied as commits; no worktree, no ref moved.
+    PREP, when the caller already loaded the stack's inputs, saves reading and syncing them again."""
+    prep = prep or prepare(settings, config, name, progress=progress)
     out_: dict[str, AppliedSource] = {}
     for src in prep.stack.sources:
         result = _replay_source(prep, src.name)
@@ -901,10 +898,12 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                     "digest": digest if complete else None,
                     "patches": [{"patch": p.label, "sha256": p.sha256} for p in prep.patches[src.name]],
                 }
+                # Recorded as each worktree moves: if a later one fails, the next apply still
+                # recognises this one as its own and does not ask for --force.
+                atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
                 reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action))
                 if result is not None and error is None and result.first_failure is not None:
                     error = _failure_error(name, src.name, result.first_failure)
-            atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
         return ApplyReport(name, tuple(reports), error)
 
 

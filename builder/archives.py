@@ -7,7 +7,6 @@ patches apply to it like to any git source. Imports are cached by the archive's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import requests
 
 from .config import PYPI_PIN_RE, Source
 from .errors import SourceError
+from .fsutil import sha256_file
 from .settings import Settings
 
 IDENTITY = {
@@ -82,17 +82,9 @@ def index_url() -> str:
     return pip_setting("index-url") or PYPI_SIMPLE_ENDPOINT
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _download(url: str, dest: Path, sha256: str, what: str) -> Path:
     """Fetches to a temp file beside `dest` and renames only after the hash checked out."""
-    if dest.is_file() and _sha256_file(dest) == sha256:
+    if dest.is_file() and sha256_file(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     parsed = urlparse(url)
@@ -108,7 +100,7 @@ def _download(url: str, dest: Path, sha256: str, what: str) -> Path:
                     resp.raise_for_status()
                     for block in resp.iter_content(CHUNK):
                         out.write(block)
-        got = _sha256_file(tmp)
+        got = sha256_file(tmp)
         if got != sha256:
             raise SourceError(
                 f"{what}: sha256 is {got}, expected {sha256}",

@@ -9,7 +9,6 @@ computed before any patch is applied, so a rerun with nothing changed only hashe
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
 from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
+from .fsutil import sha256, sha256_file
 from .series import stack_patch_digests
 from .sources import tree_archive
 from .settings import Settings
@@ -242,10 +242,6 @@ class BuildInput:
     commit: str | None = None
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
@@ -261,7 +257,7 @@ def wheelhouse_listing(recipe: Recipe) -> list[list]:
 def recipe_identity(recipe: Recipe, base_id: str | None) -> dict:
     return {
         "name": recipe.name,
-        "dockerfile_sha256": _sha256(recipe.dockerfile_bytes),
+        "dockerfile_sha256": sha256(recipe.dockerfile_bytes),
         "args": dict(sorted(recipe.args.items())),
         "base": recipe.base,
         "base_id": base_id,
@@ -269,7 +265,7 @@ def recipe_identity(recipe: Recipe, base_id: str | None) -> dict:
 
 
 def image_tag(recipe: Recipe, base_id: str | None) -> str:
-    digest = _sha256(_canonical(recipe_identity(recipe, base_id)))[:16]
+    digest = sha256(_canonical(recipe_identity(recipe, base_id)))[:16]
     return f"stackbuild/recipe-{recipe.name}:{digest}"
 
 
@@ -291,7 +287,7 @@ def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str 
         "wheelhouse": wheelhouse if wheelhouse is not None else wheelhouse_listing(recipe),
         "needs": list(dep_keys),
     }
-    return _sha256(_canonical(payload))
+    return sha256(_canonical(payload))
 
 
 def redact(env: Mapping[str, str]) -> dict[str, str]:
@@ -319,7 +315,7 @@ def stack_inputs(settings: Settings, cfg: Config, stack_name: str) -> tuple[list
     def resolve(item: BuildInput) -> str:
         with lock:
             if not applied:
-                applied.update({n: a.commit for n, a in apply.materialize(settings, cfg, stack_name).items()})
+                applied.update({n: a.commit for n, a in apply.materialize(settings, cfg, stack_name, prep=prep).items()})
         return applied[item.source.name]
 
     return items, resolve
@@ -457,7 +453,7 @@ def _store(settings: Settings, key: str, wheels: list[tuple[str, bytes]], meta: 
         for name, data in sorted(wheels):
             (tmp / name).write_bytes(data)
             dist, version = _wheel_meta(name)
-            listed.append({"file": name, "sha256": _sha256(data), "name": dist, "version": version})
+            listed.append({"file": name, "sha256": sha256(data), "name": dist, "version": version})
         meta = {**meta, "wheels": listed}
         (tmp / "entry.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
@@ -611,7 +607,7 @@ def _topo(jobs: Mapping[str, _Job]) -> list[str]:
 
 
 def stack_digest(keys: Sequence[str]) -> str:
-    return _sha256(_canonical(sorted(keys)))
+    return sha256(_canonical(sorted(keys)))
 
 
 def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], recipe: Recipe,
@@ -653,7 +649,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "patches": [{"name": p.name, "sha256": p.sha256} for p in item.patches],
                 "key": result.key,
                 "recipe": {"name": recipe.name, "dockerfile": recipe.dockerfile.name,
-                           "dockerfile_sha256": _sha256(recipe.dockerfile_bytes), "args": dict(recipe.args),
+                           "dockerfile_sha256": sha256(recipe.dockerfile_bytes), "args": dict(recipe.args),
                            "command": spec.command, "requires": list(spec.requires), "needs": list(spec.needs)},
                 "image": {"id": result.image_id, "base": recipe.base, "base_id": result.base_id},
                 "env": redact(source_env(recipe, spec)),
@@ -712,12 +708,9 @@ def verify(folder: Path) -> dict:
         file = folder / wheel["file"]
         if not file.is_file():
             raise VerifyError(f"{wheel['file']} is missing", where=str(path), hint="rebuild: stackbuild build --force")
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != wheel["sha256"]:
-            raise VerifyError(f"{wheel['file']} has sha256 {h.hexdigest()}, the manifest says {wheel['sha256']}",
+        digest = sha256_file(file)
+        if digest != wheel["sha256"]:
+            raise VerifyError(f"{wheel['file']} has sha256 {digest}, the manifest says {wheel['sha256']}",
                               where=str(path), hint="the wheel was changed after the build; rebuild it")
         checked.append(wheel["file"])
     listed = {w["file"] for w in manifest.get("wheels", [])}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
-import hashlib
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from email.utils import parseaddr, parsedate_to_datetime
 from pathlib import Path
 
 from .errors import PatchError
+from .fsutil import sha256
 
 ENCODINGS = (".gz.b64", ".b64", ".gz")
 HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*)$")
@@ -71,10 +71,6 @@ def encode(data: bytes, encoding: str) -> bytes:
         raw = base64.b64encode(data)
         data = b"\n".join(raw[i:i + 76] for i in range(0, len(raw), 76)) + b"\n"
     return data
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

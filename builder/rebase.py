@@ -265,7 +265,6 @@ def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, .
     Shapes the matcher leaves to git (binary, copies) go through the engine's full step."""
     engine = apply.Engine(git_dir, commit, paths={p for patch in patches for p in patch.paths})
     try:
-        verdicts = []
         return tuple(engine.probe(patch) for patch in patches)
     finally:
         engine.close()

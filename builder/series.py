@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .config import Config, PatchRef, ResolvedStack, Series
 from .errors import PatchError, SeriesError
-from .fsutil import atomic_write
-from .patches import Patch, decode, encoding_of, read_patch_file, sha256
+from .fsutil import atomic_write, sha256
+from .patches import Patch, decode, encoding_of, read_patch_file
 from .settings import Settings
 
 STRIP_RE = re.compile(r"^-p(\d+)$")
@@ -121,6 +121,14 @@ def fetch_remote(settings: Settings, ref: PatchRef) -> Path:
     return cached
 
 
+def _local_file(series: Series, ref: PatchRef) -> Path:
+    path = series.patch_dir / ref.name
+    if not path.is_file():
+        raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
+                          hint="fix the name, or add the file")
+    return path
+
+
 def load_series(settings: Settings, series: Series) -> tuple[Patch, ...]:
     patches = []
     for ref in series_refs(series):
@@ -130,11 +138,7 @@ def load_series(settings: Settings, series: Series) -> tuple[Patch, ...]:
             patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory,
                                     expect_sha256=ref.sha256, url=ref.url)
         else:
-            path = series.patch_dir / ref.name
-            if not path.is_file():
-                raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
-                                  hint="fix the name, or add the file")
-            patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory)
+            patch = read_patch_file(_local_file(series, ref), series=series.name, name=ref.name, strip=strip, directory=series.directory)
         patches.append(patch)
     return tuple(patches)
 
@@ -148,11 +152,7 @@ def describe_series(settings: Settings, series: Series) -> list[dict]:
             rows.append({"name": ref.name, "url": ref.url, "sha256": ref.sha256, "remote": True,
                          "cached": cached.is_file(), "encoding": encoding_of(ref.name)})
             continue
-        path = series.patch_dir / ref.name
-        if not path.is_file():
-            raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
-                              hint="fix the name, or add the file")
-        patch = read_patch_file(path, series=series.name, name=ref.name,
+        patch = read_patch_file(_local_file(series, ref), series=series.name, name=ref.name,
                                 strip=ref.strip if ref.strip is not None else series.strip, directory=series.directory)
         rows.append({"name": ref.name, "sha256": patch.sha256, "remote": False, "encoding": patch.encoding,
                      "files": len(patch.files), "subject": patch.header.subject})
@@ -185,27 +185,7 @@ def stack_patch_digests(config: Config, stack: ResolvedStack) -> dict[str, tuple
             if ref.remote:
                 digest = str(ref.sha256)
             else:
-                path = series.patch_dir / ref.name
-                if not path.is_file():
-                    raise SeriesError(f"patch file '{ref.name}' does not exist in {series.patch_dir}", where=ref.where,
-                                      hint="fix the name, or add the file")
+                path = _local_file(series, ref)
                 digest = sha256(decode(path.read_bytes(), encoding_of(path.name), str(path)))
             out[series.source].append(PatchDigest(f"{series.name}/{ref.name}", digest, strip, series.directory))
     return {name: tuple(items) for name, items in out.items()}
-
-
-def rewrite_series_file(series: Series, renames: dict[str, str], drop: set[str] = frozenset()) -> None:
-    """Rename or drop entries in place, keeping comments, blank lines and options."""
-    path = series.series_file
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    out = []
-    for raw in lines:
-        stripped = raw.split(" #", 1)[0].strip()
-        name = stripped.split()[0] if stripped and not stripped.startswith("#") else None
-        if name in drop:
-            continue
-        if name in renames:
-            raw = raw.replace(name, renames[name], 1)
-        out.append(raw)
-    atomic_write(path, "".join(out).encode())
-

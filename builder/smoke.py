@@ -33,7 +33,7 @@ from . import results as results_mod
 from . import tinymodel
 from .config import Config, ResolvedStack, deep_merge, thaw
 from .errors import ConfigError, SmokeError, VerifyError
-from .fsutil import locked
+from .fsutil import locked, sha256_file
 from .settings import Settings
 
 RUNTIMES = ("venv", "host", "container")
@@ -480,19 +480,11 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
         if not wheel.file.is_file():
             raise VerifyError(f"wheel {wheel.file.name} named by the manifest is missing", where=str(manifest),
                               hint=f"rebuild with `stackbuild build {stack}`")
-        actual = _sha256_file(wheel.file)
+        actual = sha256_file(wheel.file)
         if actual != wheel.sha256:
             raise VerifyError(f"wheel {wheel.file.name} has sha256 {actual[:12]}…, the manifest says {wheel.sha256[:12]}…",
                               where=str(manifest), hint=f"rebuild with `stackbuild build {stack}`")
     return BuildOutput(manifest, digest, tuple(wheels))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .archives import import_archive, imported_commit
 from .config import Source
@@ -24,9 +23,6 @@ from .errors import SourceError
 from .fsutil import locked
 from .git import base_env, git, out
 from .settings import Settings
-
-Progress = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class Synced:

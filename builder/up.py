@@ -3,7 +3,6 @@ content-addressed result already exists, stopping at the first failure with that
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from . import smoke as smoke_mod
 from .apply import apply_stack
 from .config import Config, thaw
 from .errors import StackbuildError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, sha256
 from .settings import Settings
 from .sources import sync
 
@@ -53,7 +52,7 @@ def _smoke_key(config: Config, stack: str, digest: str, profile: str | None) -> 
     """A smoke verdict is reused only for the same wheels, the same smoke settings and profile."""
     table = thaw(config.stack(stack).smoke)
     text = json.dumps({"digest": digest, "smoke": table, "profile": profile}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256(text.encode())
 
 
 def _passed_marker(settings: Settings, stack: str, key: str) -> Path:

@@ -105,6 +105,5 @@ def wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:
 
 
 def cli(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-    """`stackbuild ARGS` with the smoke commands registered, as a real process."""
-    code = "import builder.cli.smoke; from builder.cli import main; main()"
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=str(REPO), **kw)
+    """`stackbuild ARGS` as a real process."""
+    return subprocess.Popen([sys.executable, "-m", "builder.cli", *args], env=env, cwd=str(REPO), **kw)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Upstream, sh, write_project
-from test_core import LINES, body, check_json, run, stack_toml
+from test_core import LINES, body, run, stack_toml
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import builder.cli.build  # noqa: F401 - registers build/verify/doctor on main
 from builder import build as B
 from builder import engine as E
 from builder.cli import main

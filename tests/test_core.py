@@ -363,3 +363,38 @@ def test_check_at_a_branch_fetches_it(project, upstream: Upstream):
     assert code == 0 and outcomes(report) == ["clean"]
     code, out, _ = run(root, "--json", "check", "--at", "origin/no-such-branch")
     assert code == 5 and "cannot fetch 'origin/no-such-branch'" in json.loads(out)["message"]
+
+
+def test_a_failed_move_of_one_worktree_keeps_the_others_recognised(tmp_path: Path):
+    """The second source's worktree refuses to move (an untracked file in the way) after the first
+    moved: the first is recorded as moved, so the re-run after the fix needs no --force."""
+    a, b = Upstream(tmp_path / "a"), Upstream(tmp_path / "b")
+    pin_a, pin_b = a.commit({"a.txt": LINES}, "a"), b.commit({"b.txt": "b\n"}, "b")
+    root = tmp_path / "proj"
+    write_project(root, f"""
+[sources.a]
+url = "{a.path}"
+commit = "{pin_a}"
+[sources.b]
+url = "{b.path}"
+commit = "{pin_b}"
+[series.sa]
+source = "a"
+[series.sb]
+source = "b"
+[stacks.two]
+series = ["sa", "sb"]
+""", {"patches/sa/series": "p.patch\n", "patches/sa/p.patch": a.diff({"a.txt": body(l3="three")}),
+      "patches/sb/series": "p.patch\n", "patches/sb/p.patch": b.diff({"b.txt": "B\n"})})
+    run(root, "apply", "two", ok=True)
+    (root / "patches/sa/p.patch").write_bytes(a.diff({"a.txt": body(l3="THREE")}))
+    (root / "patches/sb/p.patch").write_bytes(b.diff({"b.txt": "B\n", "new.txt": "new\n"}))
+    (root / "work/two/b/new.txt").write_text("mine, untracked\n")
+    code, out, _ = run(root, "--json", "apply", "two")
+    assert code == 6 and "untracked file" in json.loads(out)["hint"]
+    assert (root / "work/two/a/a.txt").read_text() == body(l3="THREE")  # a moved before b failed
+    assert (root / "work/two/b/new.txt").read_text() == "mine, untracked\n"  # nothing of the user's lost
+    (root / "work/two/b/new.txt").unlink()
+    _, out, _ = run(root, "--json", "apply", "two", ok=True)
+    actions = {s["source"]: s["action"] for s in json.loads(out)["sources"]}
+    assert actions == {"a": "unchanged", "b": "updated"}

@@ -8,7 +8,6 @@ import os
 import pytest
 from click.testing import CliRunner
 
-import builder.cli.build  # noqa: F401 - registers build/verify/doctor on main
 from builder import doctor as D
 from builder.build import parse_recipe
 from builder.cli import main

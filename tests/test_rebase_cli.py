@@ -6,7 +6,6 @@ import json
 
 from click.testing import CliRunner
 
-import builder.cli.rebase  # noqa: F401 - registers the commands on main
 from builder.cli import main
 from gitfixtures_rebase import lines, new_project, run
 
