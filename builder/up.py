@@ -69,7 +69,7 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
         steps.append(step)
         on_step(step)
 
-    def run_step(name: str, fn: Callable[[], tuple[str, str, str]]) -> bool:
+    def run_step(name: str, fn: Callable[[], tuple[str, str, str]]) -> None:
         say(f"{name} ...")
         start = time.perf_counter()
         try:
@@ -78,7 +78,6 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
             record(Step(name, "failed", round(time.perf_counter() - start, 2), str(exc.message), exc.where or ""))
             raise
         record(Step(name, status, round(time.perf_counter() - start, 2), detail, where))
-        return True
 
     def do_sync() -> tuple[str, str, str]:
         done = [sync(settings, src, root=config.root, progress=True) for src in resolved.sources]
@@ -97,12 +96,11 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
             return "skipped", "worktrees up to date", where
         return "done", f"{patches} patches applied to {', '.join(changed)}", where
 
-    built: dict = {}
+    manifest: dict = {}
 
     def do_build() -> tuple[str, str, str]:
-        summary = build_mod.build_stack(settings, config, stack, engine_urls=engine_urls, force=force, log=say)
-        built.update(summary)
-        info = summary.get("summary", summary)
+        manifest.update(build_mod.build_stack(settings, config, stack, engine_urls=engine_urls, force=force, log=say))
+        info = manifest["summary"]
         where = str(settings.dist_dir / stack)
         if info.get("built"):
             return "done", f"built {', '.join(info['built'])}" + (
@@ -110,7 +108,6 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
         return "skipped", f"cache hit for {', '.join(info.get('cached', [])) or 'every source'}", where
 
     def do_smoke() -> tuple[str, str, str]:
-        manifest = json.loads((settings.dist_dir / stack / "manifest.json").read_text())
         key = _smoke_key(config, stack, manifest["digest"], profile)
         marker = _passed_marker(settings, stack, key)
         if marker.is_file() and not force:
