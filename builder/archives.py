@@ -23,30 +23,15 @@ import requests
 from .config import PYPI_PIN_RE, Source
 from .errors import SourceError
 from .fsutil import sha256_file
+from .git import git
 from .settings import Settings
 
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "stackbuild",
-    "GIT_AUTHOR_EMAIL": "stackbuild@invalid",
-    "GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z",
-    "GIT_COMMITTER_NAME": "stackbuild",
-    "GIT_COMMITTER_EMAIL": "stackbuild@invalid",
-    "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z",
-}
 CHUNK = 1 << 20
 
 
-def _git(args: list[str], *, env: dict | None = None, input: bytes | None = None) -> str:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    full.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull})
-    full.update(env or {})
-    proc = subprocess.run(["git", *args], env=full, input=input, capture_output=True)
-    if proc.returncode != 0:
-        raise SourceError(
-            f"git {args[0]} failed: {proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}",
-            hint="check disk space and that git is installed",
-        )
-    return proc.stdout.decode().strip()
+def _git(args: list[str], *, env: dict | None = None) -> str:
+    """The git runner's fixed identity and date make the import commit the same on every machine."""
+    return git(args, env=env, hint="check disk space and that git is installed").stdout.decode().strip()
 
 
 def pip_setting(name: str) -> str | None:
@@ -217,14 +202,14 @@ def import_archive(settings: Settings, source: Source, root: Path | None = None)
         (staging / "tree").mkdir()
         tree_root = _unpack(path, staging / "tree")
         if not git_dir.exists():
-            _git(["init", "-q", "--bare", str(staging / "repo.git")])
+            _git(["init", "-q", "--bare", "--", str(staging / "repo.git")])
             os.replace(staging / "repo.git", git_dir)
-        env = {**IDENTITY, "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(tree_root),
+        env = {"GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(tree_root),
                "GIT_INDEX_FILE": str(staging / "index")}
         # -f: archives carry their own .gitignore, yet every file of the release must be kept.
         _git(["add", "-A", "-f"], env=env)
         tree = _git(["write-tree"], env=env)
-        commit = _git(["commit-tree", tree, "-m", f"Import {path.name}"], env=env)
+        commit = _git(["commit-tree", "-m", f"Import {path.name}", tree], env=env)
         _git(["update-ref", f"refs/stackbuild/import/{sha}", commit], env=env)
         tmp_marker = staging / "marker"
         tmp_marker.write_text(commit + "\n")

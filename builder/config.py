@@ -236,6 +236,19 @@ def _str(w: Where, key: str, value: Any) -> str:
     return value
 
 
+def looks_like_option(value: str) -> bool:
+    """git's own test (submodule-config.c): a URL or path starting with '-' would reach git as an option."""
+    return value.startswith("-")
+
+
+def _url(w: Where, key: str, value: Any) -> str:
+    url = _str(w, key, value)
+    if looks_like_option(url):
+        raise w.error(key, f"'{url}' starts with '-' and would be read as a git option",
+                      hint="give a URL (https://…, ssh://…) or a path; write ./-name for a folder named like an option")
+    return url
+
+
 def _int(w: Where, key: str, value: Any, low: int = 0, high: int = 100) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise w.error(key, f"'{key}' must be an integer from {low} to {high}, not {value!r}")
@@ -276,7 +289,7 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
     if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.match(sha256)):
         raise w.error(f"{key}.sha256", f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
     if kinds[0] == "commit":
-        url = _str(w, f"{key}.url", raw.get("url"))
+        url = _url(w, f"{key}.url", raw.get("url"))
         commit = raw["commit"]
         if not isinstance(commit, str) or not SHA_RE.match(commit):
             raise w.error(
@@ -290,7 +303,7 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
     if "url" in raw:
         raise w.error(f"{key}.url", f"'url' is for git sources; an {kinds[0]} source names its file in '{kinds[0]}'")
     if kinds[0] == "archive":
-        archive = _str(w, f"{key}.archive", raw["archive"])
+        archive = _url(w, f"{key}.archive", raw["archive"])
         if sha256 is None:
             raise w.error(f"{key}.sha256", "an archive source needs 'sha256' of the archive file", hint="sha256sum FILE")
         return Source(name, "archive", archive=archive, sha256=sha256, submodules=False, build=build)
@@ -307,7 +320,7 @@ def _parse_patch_ref(w: Where, key: str, raw: Any) -> PatchRef:
     _check_keys(w, key, raw, PATCH_KEYS)
     strip = _int(w, f"{key}.strip", raw["strip"], 0, 20) if "strip" in raw else None
     if "url" in raw:
-        url = _str(w, f"{key}.url", raw["url"])
+        url = _url(w, f"{key}.url", raw["url"])
         sha = raw.get("sha256")
         if not isinstance(sha, str) or not SHA256_RE.match(sha):
             raise w.error(
@@ -400,7 +413,7 @@ def parse_config(text: str, path: Path) -> Config:
     stacks = {n: _parse_stack(w, n, v, series, sources) for n, v in _table(w, "stacks", data.get("stacks", {})).items()}
     mirrors = _table(w, "mirrors", data.get("mirrors", {}))
     for prefix, target in mirrors.items():
-        _str(w, f"mirrors.{prefix}", target)
+        _url(w, f"mirrors.{prefix}", target)
     config = Config(
         path=path,
         root=root,

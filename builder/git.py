@@ -1,7 +1,11 @@
-"""Running git: one small wrapper, and a long-lived `cat-file --batch` reader.
+"""Running git: the one runner every git call goes through, and a long-lived `cat-file --batch` reader.
 
 Plain subprocess rather than GitPython's wrapper: the apply engine's budget is a few hundred
 milliseconds for hundreds of patches, and per-call overhead is what it is measured by.
+
+Every call is hermetic: no system or global git configuration (a user's `url.insteadOf`, hooks
+or aliases must not change what a stack means), only the transports a stack may name (`ext::`
+would run a command), and callers put `--` before every URL and path.
 """
 
 from __future__ import annotations
@@ -21,9 +25,20 @@ EMAIL = "stackbuild@invalid"
 EPOCH = "946684800 +0000"  # 2000-01-01T00:00:00Z
 
 
+ALLOWED_PROTOCOLS = "file:https:ssh:git"
+# Set by a hook or a surrounding git command, these would point our calls at another repository.
+_INHERITED_LOCATION = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
+                       "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_COMMON_DIR", "GIT_PREFIX",
+                       "GIT_CONFIG", "GIT_CONFIG_COUNT", "GIT_CONFIG_PARAMETERS", "GIT_EXEC_PATH")
+
+
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_LOCATION and not k.startswith("GIT_CONFIG_KEY_")
+           and not k.startswith("GIT_CONFIG_VALUE_")}
     env.update({
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS,
         "GIT_TERMINAL_PROMPT": "0",
         "LC_ALL": "C",
         "GIT_AUTHOR_NAME": IDENTITY, "GIT_AUTHOR_EMAIL": EMAIL, "GIT_AUTHOR_DATE": EPOCH,
@@ -34,18 +49,33 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def command(args: Sequence[str], git_dir: Path | None = None) -> list[str]:
+    """The argv of a git call; with `base_env()` it is all a caller needing its own pipes uses."""
+    return ["git", *([f"--git-dir={git_dir}"] if git_dir is not None else []), *args]
+
+
+def operation(args: Sequence[str]) -> str:
+    """The subcommand of ARGS, skipping `-c key=value` pairs: errors name what failed, not '-c'."""
+    rest = list(args)
+    while rest and rest[0].startswith("-"):
+        rest = rest[2:] if rest[0] == "-c" else rest[1:]
+    return rest[0] if rest else "command"
+
+
 def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = None, input: bytes | None = None,
         env: Mapping[str, str] | None = None, check: bool = True, error: type[StackbuildError] = SourceError,
-        where: str | None = None, hint: str | None = None) -> subprocess.CompletedProcess:
-    cmd = ["git"]
-    if git_dir is not None:
-        cmd.append(f"--git-dir={git_dir}")
-    cmd.extend(args)
-    proc = subprocess.run(cmd, cwd=cwd, input=input, env=base_env(env), capture_output=True,
-                          start_new_session=shielded())
+        where: str | None = None, hint: str | None = None, progress: bool = False) -> subprocess.CompletedProcess:
+    """PROGRESS: git's stderr goes to the terminal (fetch progress) instead of being captured."""
+    try:
+        proc = subprocess.run(command(args, git_dir), cwd=cwd, input=input, env=base_env(env),
+                              stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                              start_new_session=shielded())
+    except OSError as exc:
+        raise error(f"cannot run git {operation(args)}: {exc.strerror}", where=where or str(git_dir or cwd or "."),
+                    hint="check that git is installed and the folder exists and is readable") from None
     if check and proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise error(f"git {args[0]} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",
+        detail = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise error(f"git {operation(args)} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",
                     where=where or str(git_dir or cwd or "."), hint=hint)
     return proc
 
@@ -58,7 +88,7 @@ class CatFile:
     """Reads many objects through one process; a process per blob would dominate apply time."""
 
     def __init__(self, git_dir: Path):
-        self.proc = subprocess.Popen(["git", f"--git-dir={git_dir}", "cat-file", "--batch"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(command(["cat-file", "--batch"], git_dir), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=base_env())
 
     def read(self, spec: str) -> bytes | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from .config import Config
+from .config import Config, looks_like_option
 from .errors import ConfigError
 
 MIRRORS_ENV = "STACKBUILD_MIRRORS"
@@ -52,7 +52,16 @@ def parse_mirror_env(value: str) -> dict[str, str]:
                 hint="e.g. STACKBUILD_MIRRORS='https://github.com/=/srv/mirrors/'",
             )
         out[prefix.strip()] = target.strip()
+    _refuse_options(out, MIRRORS_ENV)
     return out
+
+
+def _refuse_options(mirrors: Mapping[str, str], where: str) -> None:
+    """A rewritten URL reaches git: a target starting with '-' would be read as an option."""
+    for prefix, target in mirrors.items():
+        if looks_like_option(target):
+            raise ConfigError(f"mirror target '{target}' of '{prefix}' starts with '-' and would be read as a git option",
+                              where=where, hint="give a URL or an absolute path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ def load_settings(config: Config | None = None, *, work_dir: str | os.PathLike |
     user_mirrors = user.get("mirrors", {})
     if not isinstance(user_mirrors, dict) or not all(isinstance(v, str) for v in user_mirrors.values()):
         raise ConfigError("[mirrors] must map URL prefixes to strings", where=str(user_config_path()))
+    _refuse_options(user_mirrors, f"{user_config_path()} (mirrors)")
     mirrors.update(user_mirrors)
     if config is not None:
         mirrors.update(config.mirrors)

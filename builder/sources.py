@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import import_archive, imported_commit
-from .config import Source
+from .config import Source, looks_like_option
 from .errors import SourceError
 from .fsutil import locked
-from .git import base_env, git, out
+from .git import ALLOWED_PROTOCOLS, git, out
 from .settings import Settings
 
 @dataclass(frozen=True)
@@ -44,19 +44,15 @@ def has_commit(git_dir: Path, sha: str) -> bool:
 def _init_mirror(git_dir: Path) -> None:
     if not (git_dir / "HEAD").is_file():
         git_dir.parent.mkdir(parents=True, exist_ok=True)
-        git(["init", "--bare", "-q", str(git_dir)])
+        git(["init", "--bare", "-q", "--", str(git_dir)])
         # Worktrees of a bare mirror must not inherit a user's hooks or auto-gc mid-transaction.
         git(["config", "gc.auto", "0"], git_dir=git_dir)
         git(["config", "core.hooksPath", "/dev/null"], git_dir=git_dir)
 
 
 def _fetch(git_dir: Path, url: str, refspecs: list[str], progress: bool) -> subprocess.CompletedProcess:
-    args = ["git", f"--git-dir={git_dir}", "fetch", "--no-tags", "--no-write-fetch-head"]
-    if progress:
-        args.append("--progress")
-    args += [url, *refspecs]
-    return subprocess.run(args, env=base_env(), stdout=subprocess.DEVNULL,
-                          stderr=None if progress else subprocess.PIPE)
+    return git(["fetch", "--no-tags", "--no-write-fetch-head", *(["--progress"] if progress else []), "--", url, *refspecs],
+               git_dir=git_dir, check=False, progress=progress)
 
 
 def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, progress: bool = False) -> str:
@@ -141,8 +137,35 @@ def submodules_of(git_dir: Path, commit: str) -> list[Submodule]:
         if line.startswith("160000 commit "):
             meta, path = line.split("\t", 1)
             links[path] = meta.split()[2]
-    return [Submodule(v["path"], v["url"], links[v["path"]]) for v in by_name.values()
-            if "path" in v and "url" in v and v["path"] in links]
+    found = [Submodule(v["path"], v["url"], links[v["path"]]) for v in by_name.values()
+             if "path" in v and "url" in v and v["path"] in links]
+    for name, v in by_name.items():
+        _check_submodule(commit, name, v.get("url", ""), v.get("path", ""))
+    return found
+
+
+# `ext::` and its kin name a command, not a repository; git's allowlist blocks them as well.
+_TRANSPORT_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)::")
+
+
+def _check_submodule(commit: str, name: str, url: str, path: str) -> None:
+    """The checks git makes before it trusts a .gitmodules entry (submodule-config.c, fsck.c): an
+    upstream's file is as untrusted as a stack file, and we parse it ourselves."""
+    where = f".gitmodules of {commit[:12]} (submodule.{name})"
+    bad = None
+    if looks_like_option(url) or looks_like_option(path):
+        bad = "starts with '-' and would be read as a git option"
+    elif "\n" in url or "\n" in path:
+        bad = "contains a newline"
+    elif (m := _TRANSPORT_RE.match(url)) and m.group(1) not in ALLOWED_PROTOCOLS.split(":"):
+        bad = f"uses the transport '{m.group(1)}::', which runs a command"
+    elif path.startswith("/") or any(part in ("..", ".git") for part in path.split("/")):
+        bad = "has a path leaving the tree or into .git"
+    elif ".." in name.split("/"):
+        bad = "has a name with '..'"
+    if bad:
+        raise SourceError(f"submodule '{name}' {bad}: url {url!r}, path {path!r}", where=where,
+                          hint="the upstream's .gitmodules is unsafe; set submodules = false or pin another commit")
 
 
 def _child(source: Source, sub: Submodule) -> Source:

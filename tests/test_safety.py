@@ -1,0 +1,91 @@
+"""Nothing runs that the user did not ask for, nothing is left half-written, every error is one line.
+
+Each test here is a row of docs/safety.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from builder.config import Source
+from builder.settings import load_settings
+from builder.sources import sync
+from conftest import Upstream, sh, write_project
+from test_core import LINES, body, run, stack_toml
+
+EVIL = "--upload-pack=touch PWNED"
+
+
+@pytest.fixture
+def pinned(upstream: Upstream) -> str:
+    return upstream.commit({"a.txt": LINES}, "base")
+
+
+def project(tmp_path: Path, url: str | Path, pin: str, extra_top: str = "") -> Path:
+    patch = {"patches/s1/one.patch": "", "patches/s1/series": ""}
+    root = write_project(tmp_path / "proj", extra_top + stack_toml(Path(url) if not str(url).startswith("-") else url,
+                                                                   pin), patch).parent
+    return root
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ---- 1. no command through a git URL
+
+
+@pytest.mark.parametrize("command", [["sources", "sync"], ["check"], ["apply", "demo"]])
+def test_option_url_in_a_source_is_refused(tmp_path: Path, pinned: str, command: list[str], monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = project(tmp_path, EVIL, pinned)
+    code, _, err = run(root, *command)
+    assert code == 2, err
+    assert "sources.up.url" in one_error_line(err) and "git option" in err
+    assert not (tmp_path / "PWNED").exists() and not (root / "PWNED").exists()
+
+
+def test_option_mirror_target_is_refused(tmp_path: Path, upstream: Upstream, pinned: str, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = project(tmp_path, upstream.path, pinned, extra_top=f'[mirrors]\n"{upstream.path}" = "{EVIL}"\n')
+    code, _, err = run(root, "sources", "sync")
+    assert code == 2 and "mirrors." in one_error_line(err), err
+    (root / "stack.toml").write_text(stack_toml(upstream.path, pinned))
+    monkeypatch.setenv("STACKBUILD_MIRRORS", f"{upstream.path}={EVIL}")
+    code, _, err = run(root, "sources", "sync")
+    assert code == 2 and "STACKBUILD_MIRRORS" in one_error_line(err), err
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("url,path", [(EVIL, "sub"), ("../sub", "-sub"), ("ext::sh -c touch% PWNED", "sub"),
+                                      ("../sub", "../outside")])
+def test_unsafe_gitmodules_entry_is_refused(tmp_path: Path, upstream: Upstream, monkeypatch, url: str, path: str):
+    monkeypatch.chdir(tmp_path)
+    sub = Upstream(tmp_path / "sub")
+    sub_pin = sub.commit({"k.c": "int k;\n"}, "sub")
+    upstream.write({".gitmodules": f'[submodule "evil"]\n\tpath = {path}\n\turl = {url}\n'})
+    gitlink = "sub" if path.startswith("..") else path  # git itself refuses such an index entry
+    sh("git", "update-index", "--add", "--cacheinfo", f"160000,{sub_pin},{gitlink}", cwd=upstream.path)
+    sh("git", "add", ".gitmodules", cwd=upstream.path)
+    sh("git", "commit", "-q", "-m", "evil submodule", cwd=upstream.path)
+    pin = upstream.head()
+    root = write_project(tmp_path / "proj", stack_toml(upstream.path, pin).replace(
+        f'commit = "{pin}"', f'commit = "{pin}"\nsubmodules = true'), {"patches/s1/series": ""}).parent
+    code, _, err = run(root, "sources", "sync")
+    assert code == 5, err
+    assert "submodule 'evil'" in one_error_line(err) and ".gitmodules" in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_git_ignores_the_users_global_config(tmp_path: Path, upstream: Upstream, pinned: str, hermetic: Path):
+    # A user's url.insteadOf must not change which repository a stack means.
+    (hermetic / ".gitconfig").write_text(f'[url "{tmp_path}/nowhere/"]\n\tinsteadOf = {upstream.path.parent}/\n')
+    settings = load_settings(None, work_dir=tmp_path / "work")
+    assert sync(settings, Source("up", "git", url=str(upstream.path), commit=pinned)).commit == pinned
