@@ -129,3 +129,34 @@ class Interrupted(StackbuildError):
 
     exit_code = 130
     kind = "interrupted"
+
+
+class FileError(StackbuildError):
+    """A file or folder cannot be read or written: permissions, a read-only or full disk, a file in the way."""
+
+    exit_code = 15
+    kind = "file"
+
+
+def _os_hint(exc: OSError, path: str) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk holding {path} is full; free space and run the command again"
+    if exc.errno == errno.EROFS:
+        return ("the file system is read-only; point STACKBUILD_CACHE or --work-dir at a writable folder")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"check the permissions of {path} (and its folders), or use another STACKBUILD_CACHE / --work-dir"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"something of the wrong kind (a file where a folder belongs, or the reverse) is at {path}; move it away"
+    if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+        return "the path is not valid on this file system; shorten or rename it"
+    if exc.errno == errno.ENOENT:
+        return f"{path} or one of its folders is missing; create it or fix the setting naming it"
+    return "check the path, its permissions and the free disk space"
+
+
+def os_error(exc: OSError, path: object, doing: str, error: type[StackbuildError] = FileError) -> StackbuildError:
+    """One line for an OSError: what failed, on which path, and what to do about that errno."""
+    where = str(exc.filename if exc.filename is not None else path)
+    return error(f"cannot {doing}: {exc.strerror or exc}", where=where, hint=_os_hint(exc, where))

@@ -8,11 +8,12 @@ import fcntl
 import hashlib
 import os
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LockError
+from .errors import LockError, os_error
 
 
 def sha256(data: bytes) -> str:
@@ -50,25 +51,66 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path, what: str) -> Iterator[None]:
-    """An exclusive, non-blocking lock; the holder's PID is in the file to tell the user who it is."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive, non-blocking lock; the holder's PID is in the file to tell the user who it is.
+
+    Opened without following a symlink and never truncated before it is ours: a link planted at
+    the lock path must not make us overwrite its target. The file (and the folder, when the lock
+    made it) goes away on every exit, so a failed command leaves nothing behind.
+    """
+    made = not path.parent.exists()
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise LockError(
-                f"another stackbuild (pid {holder}) is working on {what}",
-                where=str(path),
-                hint="wait for it to finish; the lock goes away with its process",
-            ) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_lock(path, what)
+    except OSError as exc:
+        raise os_error(exc, path, f"lock {what}") from None
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path.parent)
+
+
+def _open_lock(path: Path, what: str) -> int:
+    """The locked descriptor of PATH. Retried when the file was removed between our open and our
+    lock (its holder finished): a lock on an unlinked file would lock nothing."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LockError(f"the lock of {what} is a symbolic link", where=str(path),
+                                hint="remove the link; stackbuild never writes through one") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LockError(f"the lock of {what} is not a regular file", where=str(path),
+                                hint="remove it; stackbuild creates its own lock file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise LockError(
+                    f"another stackbuild (pid {holder}) is working on {what}",
+                    where=str(path),
+                    hint="wait for it to finish; the lock goes away with its process",
+                ) from None
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
         os.close(fd)
 
 

@@ -89,3 +89,50 @@ def test_git_ignores_the_users_global_config(tmp_path: Path, upstream: Upstream,
     (hermetic / ".gitconfig").write_text(f'[url "{tmp_path}/nowhere/"]\n\tinsteadOf = {upstream.path.parent}/\n')
     settings = load_settings(None, work_dir=tmp_path / "work")
     assert sync(settings, Source("up", "git", url=str(upstream.path), commit=pinned)).commit == pinned
+
+
+def patched_project(tmp_path: Path, upstream: Upstream, pin: str, new: str = "x") -> Path:
+    files = {"patches/s1/one.patch": upstream.diff({"a.txt": body(l1=new)}), "patches/s1/series": "one.patch\n"}
+    return write_project(tmp_path / "proj", stack_toml(upstream.path, pin), files).parent
+
+
+# ---- 2. locks never follow a symlink and never outlive their command
+
+
+def test_symlink_at_the_work_lock_is_refused(tmp_path: Path, upstream: Upstream, pinned: str):
+    root = patched_project(tmp_path, upstream, pinned)
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    (root / "work" / "demo").mkdir(parents=True)
+    (root / "work" / "demo" / ".lock").symlink_to(precious)
+    code, _, err = run(root, "apply", "demo")
+    assert code == 7 and "symbolic link" in one_error_line(err), err
+    assert precious.read_text() == "keep me\n"
+
+
+def test_symlink_at_the_mirror_lock_is_refused(tmp_path: Path, upstream: Upstream, pinned: str):
+    from builder.sources import mirror_path
+
+    root = patched_project(tmp_path, upstream, pinned)
+    settings = load_settings(None, work_dir=tmp_path / "work")
+    git_dir = mirror_path(settings, Source("up", "git", url=str(upstream.path), commit=pinned))
+    precious = tmp_path / "precious"
+    precious.write_text("keep me\n")
+    settings.mirror_dir.mkdir(parents=True)
+    (settings.mirror_dir / f".{git_dir.name}.lock").symlink_to(precious)
+    code, _, err = run(root, "sources", "sync")
+    assert code == 7 and "symbolic link" in one_error_line(err), err
+    assert precious.read_text() == "keep me\n"
+
+
+def test_no_lock_left_after_a_failed_command(tmp_path: Path, upstream: Upstream, pinned: str):
+    root = patched_project(tmp_path, upstream, pinned)
+    code, _, err = run(root, "apply", "nope")
+    assert code == 2, err
+    assert not (root / "work" / "nope").exists()
+    assert run(root, "apply", "demo")[0] == 0
+    (root / "patches/s1/one.patch").write_bytes(upstream.diff({"a.txt": body(l1="x")}).replace(b"-line 1", b"-nothere"))
+    code, _, err = run(root, "apply", "demo")
+    assert code == 6, err
+    assert not list((root / "work").rglob("*.lock"))
+    assert not list(Path(os.environ["STACKBUILD_CACHE"]).rglob("*.lock"))
