@@ -764,13 +764,27 @@ def branch_of(stack: str) -> str:
 
 def read_state(settings: Settings, stack: str) -> dict:
     path = stack_dir(settings, stack) / STATE_FILE
+    reset = f"delete it (rm {path}); the next apply rebuilds it from the worktrees"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         return {"stack": stack, "sources": {}}
     except (OSError, ValueError) as exc:
-        raise ApplyError(f"unreadable state file: {exc}", where=str(path),
-                         hint="delete the file; the next apply rebuilds it from the worktrees") from None
+        raise ApplyError(f"unreadable state file: {exc}", where=str(path), hint=reset) from None
+    if not _state_shape_ok(state):
+        raise ApplyError("the state file is not one stackbuild wrote (wrong JSON shape)", where=str(path), hint=reset)
+    return state
+
+
+def _state_shape_ok(state: object) -> bool:
+    """What `apply` and `status` read from each record; anything else would fail deep inside them."""
+    if not isinstance(state, dict) or not isinstance(state.get("sources"), dict):
+        return False
+    return all(isinstance(rec, dict) and isinstance(rec.get("head"), str) and isinstance(rec.get("base"), str)
+               and isinstance(rec.get("patches"), list)
+               and all(isinstance(p, dict) and isinstance(p.get("patch"), str) and isinstance(p.get("sha256"), str)
+                       for p in rec["patches"])
+               for rec in state["sources"].values())
 
 
 @dataclass(frozen=True)

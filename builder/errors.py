@@ -156,7 +156,7 @@ def _os_hint(exc: OSError, path: str) -> str:
     return "check the path, its permissions and the free disk space"
 
 
-def os_error(exc: OSError, path: object, doing: str, error: type[StackbuildError] = FileError) -> StackbuildError:
+def os_error(exc: OSError, path: object | None, doing: str, error: type[StackbuildError] = FileError) -> StackbuildError:
     """One line for an OSError: what failed, on which path, and what to do about that errno."""
-    where = str(exc.filename if exc.filename is not None else path)
+    where = str(path if path is not None else exc.filename)
     return error(f"cannot {doing}: {exc.strerror or exc}", where=where, hint=_os_hint(exc, where))

@@ -30,23 +30,39 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Write beside the target, fsync, then rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write beside the target, fsync, then rename: readers see the old or the new file, never half.
+
+    The file keeps the mode it had; a new one gets the umask's (mkstemp alone would leave 0600).
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if mode is None:
+            try:
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        elif path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise os_error(exc, path, f"write {path.name}") from None
         raise
+
+
+def _umask() -> int:
+    """The process umask; reading it means setting it, so it is put straight back."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 @contextlib.contextmanager

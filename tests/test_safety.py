@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,92 @@ def test_no_lock_left_after_a_failed_command(tmp_path: Path, upstream: Upstream,
     assert code == 6, err
     assert not list((root / "work").rglob("*.lock"))
     assert not list(Path(os.environ["STACKBUILD_CACHE"]).rglob("*.lock"))
+
+
+# ---- 6. every OSError, a malformed state file and an early Ctrl-C give one line
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """A small tmpfs: a read-only or full disk, as only a real file system can make it."""
+    mounted: list[Path] = []
+
+    def make(name: str, options: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in reversed(mounted):
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_read_only_cache_is_one_line(tmp_path: Path, upstream: Upstream, pinned: str, mount_tmpfs, monkeypatch):
+    root = patched_project(tmp_path, upstream, pinned)
+    monkeypatch.setenv("STACKBUILD_CACHE", str(mount_tmpfs("cache", "size=1m,ro")))
+    code, _, err = run(root, "sources", "sync")
+    assert code == 15 and "read-only" in one_error_line(err), err
+
+
+def test_read_only_work_dir_is_one_line(tmp_path: Path, upstream: Upstream, pinned: str, mount_tmpfs):
+    root = patched_project(tmp_path, upstream, pinned)
+    work = mount_tmpfs("work", "size=1m,ro")
+    code, _, err = run(root, "--work-dir", str(work), "apply", "demo")
+    assert code == 15 and "read-only" in one_error_line(err) and str(work) in err, err
+
+
+def test_cache_path_that_is_a_file_is_one_line(tmp_path: Path, upstream: Upstream, pinned: str, monkeypatch):
+    root = patched_project(tmp_path, upstream, pinned)
+    (tmp_path / "cache-file").write_text("not a folder\n")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(tmp_path / "cache-file"))
+    code, _, err = run(root, "sources", "sync")
+    assert code == 15 and "cache-file" in one_error_line(err) and "move it away" in err, err
+
+
+def test_full_disk_during_a_remote_patch_write(tmp_path: Path, mount_tmpfs, monkeypatch):
+    from builder.config import PatchRef
+    from builder.errors import FileError
+    from builder.fsutil import sha256
+    from builder.series import fetch_remote
+
+    cache = mount_tmpfs("cache", "size=64k")
+    fd = os.open(cache / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    data = b"--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n" * 100
+    (tmp_path / "big.patch").write_bytes(data)
+    monkeypatch.setenv("STACKBUILD_CACHE", str(cache))
+    settings = load_settings(None, work_dir=tmp_path / "work")
+    ref = PatchRef(name="big.patch", strip=None, url=str(tmp_path / "big.patch"), sha256=sha256(data), where="x")
+    with pytest.raises(FileError) as raised:
+        fetch_remote(settings, ref)
+    assert "full" in str(raised.value) and "big.patch" in str(raised.value)
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == ["filler"]
+
+
+@pytest.mark.parametrize("text", ['{"sources": []}', '[]', '{"sources": {"up": {"head": 1}}}'])
+def test_malformed_state_file_says_which_and_how_to_reset(tmp_path: Path, upstream: Upstream, pinned: str, text: str):
+    root = patched_project(tmp_path, upstream, pinned)
+    assert run(root, "apply", "demo")[0] == 0
+    state = root / "work/demo/stackbuild-state.json"
+    state.write_text(text)
+    for command in (["apply", "demo"], ["status"]):
+        code, _, err = run(root, *command)
+        assert code == 6 and str(state) in one_error_line(err) and f"rm {state}" in err, (command, err)
+
+
+@pytest.mark.parametrize("delay", [0.03, 0.06, 0.1])
+def test_ctrl_c_while_loading_exits_130(tmp_path: Path, delay: float):
+    proc = subprocess.Popen([sys.executable, "-c", "from builder.launch import main; main()", "series"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and len(err.decode().strip().splitlines()) == 1, err

@@ -14,7 +14,7 @@ import click
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import Interrupted, StackbuildError
+from ..errors import Interrupted, StackbuildError, os_error
 from ..settings import Settings, load_settings
 
 
@@ -58,6 +58,9 @@ def run(ctx: Context, fn: Callable[[], Any]) -> Any:
         fail(ctx, exc)
     except KeyboardInterrupt:
         fail(ctx, INTERRUPTED)
+    except OSError as exc:
+        # Where a library call did not name what it was doing, the path and errno still tell what to do.
+        fail(ctx, os_error(exc, exc.filename, "read or write a file"))
 
 
 def fail(ctx: Context, exc: StackbuildError) -> None:
