@@ -20,10 +20,11 @@ from typing import Iterable, Mapping, Sequence
 import tomlkit
 
 from .apply import TRAILER
-from .errors import ExportError
+from .errors import ExportError, os_error
+from .fsutil import mode_for
 from .git import git
 from .patches import encode, encoding_of
-from .series import parse_series_text
+from .series import inside_patch_dir, parse_series_text
 
 TRAILER_RE = re.compile(rf"^{TRAILER}: *(\S+)\s*$", re.M)
 
@@ -120,15 +121,19 @@ def commit_files(writes: Mapping[Path, bytes | None]) -> None:
             if data is None:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
+            mode = mode_for(path)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            staged.append((tmp, path))
-    except BaseException:
+            os.chmod(tmp, mode)
+    except BaseException as exc:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise os_error(exc, path, f"write {path.name}") from None
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
@@ -280,6 +285,10 @@ def plan_export(
                 raise ExportError(
                     f"commit {sha[:12]} carries '{TRAILER}: {m.group(1)}' but series '{ser}' is not one of "
                     f"{', '.join(order)}", where=str(git_dir), hint="fix the trailer with git commit --amend")
+            if not inside_patch_dir(name):
+                raise ExportError(
+                    f"commit {sha[:12]} carries '{TRAILER}: {m.group(1)}': '{name}' is not a path inside the patch folder",
+                    where=str(git_dir), hint="fix the trailer with git commit --amend (no '..', no leading '/')")
         else:
             if last_series is None:
                 raise ExportError(f"commit {sha[:12]} has no series to go to", where=str(git_dir))

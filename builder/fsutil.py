@@ -38,10 +38,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if mode is None:
-            try:
-                mode = path.stat().st_mode & 0o7777
-            except FileNotFoundError:
-                mode = 0o666 & ~_umask()
+            mode = mode_for(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -56,6 +53,14 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
         if isinstance(exc, OSError):
             raise os_error(exc, path, f"write {path.name}") from None
         raise
+
+
+def mode_for(path: Path) -> int:
+    """The mode a rewrite of PATH gets: the one it has, else what the umask gives a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def _umask() -> int:

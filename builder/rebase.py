@@ -833,6 +833,12 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
             if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
                 raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
                                   hint="re-apply the stack, or finish the rebase that moved it")
+            dirty = out(["status", "--porcelain", "--untracked-files=no"], cwd=worktree, error=ExportError)
+            if dirty:
+                # Export reads commits: edits not committed would be missing from the files, and
+                # --check would call them canonical.
+                raise ExportError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)",
+                                  where=str(worktree), hint="commit them (git commit, amend or fixup), or stash them")
         else:
             head = apply.replay(repo, str(src.commit), patches, fuzz_for=lambda p: _fuzz(resolved, p)).head
         results.append(plan_export(

@@ -29,6 +29,11 @@ class SeriesEntry:
     line: int
 
 
+def inside_patch_dir(name: str) -> bool:
+    """A series entry (or a trailer naming one) must stay in its patch folder."""
+    return bool(name) and not name.startswith("/") and ".." not in Path(name).parts and "\0" not in name
+
+
 def parse_series_text(text: str, where: str) -> list[SeriesEntry]:
     entries: list[SeriesEntry] = []
     seen: dict[str, int] = {}
@@ -44,7 +49,7 @@ def parse_series_text(text: str, where: str) -> list[SeriesEntry]:
                 raise SeriesError(f"unknown option '{opt}' after {name}", where=f"{where}:{number}",
                                   hint="quilt series lines take only '-pN'")
             strip = int(m.group(1))
-        if name.startswith("/") or ".." in Path(name).parts:
+        if not inside_patch_dir(name):
             raise SeriesError(f"'{name}' must be a path inside the patch folder", where=f"{where}:{number}")
         if name in seen:
             raise SeriesError(f"'{name}' is listed twice (first on line {seen[name]})", where=f"{where}:{number}",

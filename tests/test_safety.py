@@ -229,3 +229,71 @@ def test_ctrl_c_while_loading_exits_130(tmp_path: Path, delay: float):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err and len(err.decode().strip().splitlines()) == 1, err
+
+
+# ---- 9, 10, 12: export keeps modes, checks trailer names, refuses a dirty worktree
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def applied(tmp_path: Path, upstream: Upstream, pin: str) -> tuple[Path, Path]:
+    root = patched_project(tmp_path, upstream, pin)
+    code, _, err = run(root, "apply", "demo")
+    assert code == 0, err
+    return root, root / "work/demo/up"
+
+
+def test_export_keeps_file_modes(tmp_path: Path, upstream: Upstream, pinned: str, umask_022):
+    root, wt = applied(tmp_path, upstream, pinned)
+    series = root / "patches/s1/series"
+    patch = root / "patches/s1/one.patch"
+    series.chmod(0o664)
+    patch.chmod(0o640)
+    sh("git", "commit", "-q", "--amend", "-m", "one, reworded\n\nStackbuild-Patch: s1/one.patch", cwd=wt)
+    (wt / "a.txt").write_text(body(l1="x", l3="three"))
+    sh("git", "commit", "-q", "-am", "three", cwd=wt)
+    code, _, err = run(root, "export", "demo")
+    assert code == 0, err
+    new = [p for p in (root / "patches/s1").iterdir() if p.name not in ("series", "one.patch")]
+    assert len(new) == 1 and b"three" in new[0].read_bytes()
+    assert b"reworded" in patch.read_bytes()
+    assert (series.stat().st_mode & 0o777, patch.stat().st_mode & 0o777, new[0].stat().st_mode & 0o777) == \
+        (0o664, 0o640, 0o644)
+
+
+def test_rewritten_files_keep_their_mode(tmp_path: Path, umask_022):
+    from builder.export import commit_files
+    from builder.fsutil import atomic_write
+
+    kept, fresh, other = tmp_path / "stack.toml", tmp_path / "new.patch", tmp_path / "state.json"
+    kept.write_text("old\n")
+    kept.chmod(0o640)
+    other.write_text("{}\n")
+    other.chmod(0o604)
+    commit_files({kept: b"new\n", fresh: b"patch\n"})
+    atomic_write(other, b"[]\n")
+    assert [p.stat().st_mode & 0o777 for p in (kept, fresh, other)] == [0o640, 0o644, 0o604]
+
+
+@pytest.mark.parametrize("name", ["../../escaped.patch", "/tmp/absolute.patch"])
+def test_trailer_names_are_checked_like_series_entries(tmp_path: Path, upstream: Upstream, pinned: str, name: str):
+    root, wt = applied(tmp_path, upstream, pinned)
+    (wt / "a.txt").write_text(body(l1="x", l3="three"))
+    sh("git", "commit", "-q", "-am", f"three\n\nStackbuild-Patch: s1/{name}", cwd=wt)
+    code, _, err = run(root, "export", "demo")
+    assert code == 9 and "not a path inside the patch folder" in one_error_line(err), err
+    assert not (root / "escaped.patch").exists() and not Path("/tmp/absolute.patch").exists()
+
+
+def test_export_check_fails_on_a_dirty_worktree(tmp_path: Path, upstream: Upstream, pinned: str):
+    root, wt = applied(tmp_path, upstream, pinned)
+    assert run(root, "export", "demo")[0] == 0  # the hand-made diff becomes its canonical form
+    assert run(root, "export", "demo", "--check")[0] == 0
+    (wt / "a.txt").write_text(body(l1="x", l7="uncommitted"))
+    code, _, err = run(root, "export", "demo", "--check")
+    assert code == 9 and "uncommitted changes" in one_error_line(err), err
