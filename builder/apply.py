@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 from .config import Config, ResolvedStack, Source
 from .errors import ApplyError, PatchError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
-from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
+from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, out
 from .patches import FileDiff, Hunk, Patch, split_lf
 from .series import load_stack_patches, stack_patch_digests
 from .settings import Settings
@@ -467,11 +467,8 @@ class Engine:
             chunks.append(b"\n")
         chunks.append(b"done\n")
         with tempfile.NamedTemporaryFile(prefix="stackbuild-marks-") as marks:
-            proc = subprocess.run(
-                ["git", f"--git-dir={self.git_dir}", "-c", "core.compression=1", "fast-import", "--quiet", "--done",
-                 "--depth=1", f"--export-marks={marks.name}"],
-                input=b"".join(chunks), env=base_env(), capture_output=True,
-            )
+            proc = fast_import(self.git_dir, ["-c", "core.compression=1", "fast-import", "--quiet", "--done", "--depth=1",
+                                              f"--export-marks={marks.name}"], b"".join(chunks))
             if proc.returncode != 0:
                 raise ApplyError(f"git fast-import failed: {proc.stderr.decode(errors='replace').strip()[-300:]}",
                                  where=str(self.git_dir), hint="check disk space and the repository's health (git fsck)")

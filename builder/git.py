@@ -80,6 +80,18 @@ def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = 
     return proc
 
 
+def fast_import(git_dir: Path, args: Sequence[str], stream: bytes) -> subprocess.CompletedProcess:
+    """`git fast-import` fed STREAM (ARGS: options and the subcommand). A failed import leaves a
+    crash report in the repository; its last lines are in stderr already, so it is removed."""
+    proc = subprocess.Popen(command(args, git_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=base_env())
+    stdout, stderr = proc.communicate(stream)
+    if proc.returncode != 0:
+        (git_dir / f"fast_import_crash_{proc.pid}").unlink(missing_ok=True)
+        stderr = b"".join(line for line in stderr.splitlines(keepends=True) if b"crash report" not in line)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def out(args: Sequence[str], **kw) -> str:
     return git(args, **kw).stdout.decode().strip()
 

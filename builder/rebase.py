@@ -15,6 +15,7 @@ worktree back exactly as they were.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import math
@@ -678,6 +679,8 @@ def _restore_worktree(state: State) -> None:
 def _cleanup(state_dir: Path, source: str) -> None:
     shutil.rmtree(_backup_dir(state_dir, source), ignore_errors=True)
     _state_path(state_dir, source).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: another source's rebase is still stopped
+        state_dir.rmdir()
 
 
 def _report(state: State, status: str, export: Mapping | None = None) -> Report:

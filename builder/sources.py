@@ -50,9 +50,20 @@ def _init_mirror(git_dir: Path) -> None:
         git(["config", "core.hooksPath", "/dev/null"], git_dir=git_dir)
 
 
+def _mirror_lock(settings: Settings, git_dir: Path, source: Source):
+    return locked(settings.mirror_dir / f".{git_dir.name}.lock", f"the mirror of '{source.name}'")
+
+
 def _fetch(git_dir: Path, url: str, refspecs: list[str], progress: bool) -> subprocess.CompletedProcess:
-    return git(["fetch", "--no-tags", "--no-write-fetch-head", *(["--progress"] if progress else []), "--", url, *refspecs],
-               git_dir=git_dir, check=False, progress=progress)
+    """Callers hold the mirror's lock: a failed fetch's partial packs are removed here, and only
+    a fetch of our own can be writing them."""
+    proc = git(["fetch", "--no-tags", "--no-write-fetch-head", *(["--progress"] if progress else []), "--", url,
+                *refspecs], git_dir=git_dir, check=False, progress=progress)
+    if proc.returncode != 0:
+        # git keeps an interrupted pack as tmp_pack_*; every retry would add another.
+        for partial in (git_dir / "objects" / "pack").glob("tmp_*"):
+            partial.unlink(missing_ok=True)
+    return proc
 
 
 def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, progress: bool = False) -> str:
@@ -66,7 +77,8 @@ def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, pr
                           hint="an archive source only knows its imported commit; give a commit SHA of the mirror")
     remote = ref.split("/", 1)[1] if ref.startswith("origin/") else ref
     url = settings.rewrite(source.url or "")
-    proc = _fetch(git_dir, url, [f"+{remote}:refs/stackbuild/refs/{ref}"], progress)
+    with _mirror_lock(settings, git_dir, source):
+        proc = _fetch(git_dir, url, [f"+{remote}:refs/stackbuild/refs/{ref}"], progress)
     if proc.returncode != 0:
         raise SourceError(f"cannot fetch '{ref}' of source '{source.name}' from {url}", where=f"sources.{source.name}",
                           hint="check the ref name (branch, tag or SHA) and the network or mirror map")
@@ -86,7 +98,7 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
     sha = str(source.commit)
     if (git_dir / "HEAD").is_file() and has_commit(git_dir, sha):
         return Synced(source, git_dir, sha, fetched=False)
-    with locked(settings.mirror_dir / f".{git_dir.name}.lock", f"the mirror of '{source.name}'"):
+    with _mirror_lock(settings, git_dir, source):
         _init_mirror(git_dir)
         if not has_commit(git_dir, sha):
             url = settings.rewrite(str(source.url))

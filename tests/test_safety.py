@@ -297,3 +297,45 @@ def test_export_check_fails_on_a_dirty_worktree(tmp_path: Path, upstream: Upstre
     (wt / "a.txt").write_text(body(l1="x", l7="uncommitted"))
     code, _, err = run(root, "export", "demo", "--check")
     assert code == 9 and "uncommitted changes" in one_error_line(err), err
+
+
+# ---- 7. nothing left behind by a failed fetch, fast-import or rebase --abort
+
+
+def test_failed_fetch_leaves_no_partial_pack(tmp_path: Path):
+    up = Upstream(tmp_path / "up")
+    # Over fetch.unpackLimit objects, so git keeps the pack as a file while it arrives.
+    pin = up.commit({**{f"f{i}": os.urandom(2000).hex() for i in range(150)}, "big": os.urandom(1 << 20).hex()}, "many")
+    blob = sh("git", "rev-parse", f"{pin}:f99", cwd=up.path).strip()
+    loose = up.path / ".git/objects" / blob[:2] / blob[2:]
+    loose.chmod(0o644)
+    loose.write_bytes(b"corrupt")
+    settings = load_settings(None, work_dir=tmp_path / "work")
+    from builder.errors import SourceError
+
+    for _ in range(2):
+        with pytest.raises(SourceError):
+            sync(settings, Source("up", "git", url=str(up.path), commit=pin))
+    assert not list(settings.mirror_dir.rglob("tmp_*"))
+    assert not list(settings.mirror_dir.rglob("*.lock"))
+
+
+def test_failed_fast_import_leaves_no_crash_report(tmp_path: Path):
+    from builder.git import fast_import
+
+    repo = tmp_path / "r.git"
+    sh("git", "init", "-q", "--bare", repo)
+    proc = fast_import(repo, ["fast-import", "--quiet"], b"commit refs/heads/x\nnonsense\n")
+    assert proc.returncode != 0 and b"committer" in proc.stderr and b"crash report" not in proc.stderr
+    assert not list(repo.glob("fast_import_crash_*"))
+
+
+def test_rebase_abort_leaves_no_rebase_folder(tmp_path: Path, upstream: Upstream, pinned: str):
+    root, wt = applied(tmp_path, upstream, pinned)
+    onto = upstream.commit({"a.txt": body(l1="upstream took another way")}, "conflicting")
+    code, _, err = run(root, "rebase", "demo", "--onto", onto)
+    assert code == 8, err
+    assert (root / "work/demo/.rebase").is_dir()
+    code, _, err = run(root, "rebase", "demo", "--abort")
+    assert code == 0, err
+    assert not (root / "work/demo/.rebase").exists()
