@@ -470,10 +470,12 @@ def resolve_stack(config: Config, name: str) -> ResolvedStack:
     while current is not None:
         if current in seen:
             raise config.where.error(
-                f"stacks.{seen[-1]}.extends", f"stacks extend each other in a cycle: {' -> '.join(seen + [current])}"
+                f"stacks.{seen[-1]}.extends", f"stacks extend each other in a cycle: {' -> '.join(seen + [current])}",
+                hint="remove 'extends' from one of the stacks in the cycle",
             )
         if current not in config.stacks:
-            raise config.where.error(f"stacks.{seen[-1]}.extends", f"stack '{seen[-1]}' extends unknown stack '{current}'")
+            raise config.where.error(f"stacks.{seen[-1]}.extends", f"stack '{seen[-1]}' extends unknown stack '{current}'",
+                                     hint=f"defined stacks: {', '.join(sorted(config.stacks))}; fix the name or add [stacks.{current}]")
         seen.append(current)
         chain.append(config.stacks[current])
         current = config.stacks[current].extends

@@ -76,8 +76,37 @@ def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = 
     if check and proc.returncode != 0:
         detail = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
         raise error(f"git {operation(args)} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",
-                    where=where or str(git_dir or cwd or "."), hint=hint)
+                    where=where or str(git_dir or cwd or "."), hint=_hint_for(proc.stderr or b"", cwd or git_dir) or hint)
     return proc
+
+
+# What git's message says about the cause outranks the caller's guess at the usual one.
+_CAUSES = (
+    ((b"No space left on device", b"Disk quota exceeded"), "the disk is full; free space and run the command again"),
+    ((b"Read-only file system",), "the file system is read-only; point STACKBUILD_CACHE or --work-dir at a writable folder"),
+    ((b"Permission denied",), "check the permissions of the folder named, or use another STACKBUILD_CACHE / --work-dir"),
+    ((b"invalid path", b"File name too long"),
+     "a path in the tree is not valid on this file system (name, length or a case clash); it cannot be checked out here"),
+)
+
+
+DISK_FULL = _CAUSES[0][1]
+
+
+def _hint_for(stderr: bytes, place: Path | None) -> str | None:
+    found = next((hint for needles, hint in _CAUSES if any(n in stderr for n in needles)), None)
+    if found is None and b"unable to write" in stderr and place is not None and _nearly_full(place):
+        found = DISK_FULL  # a checkout's "unable to write file" does not say why; the file system can
+    return found
+
+
+def _nearly_full(place: Path) -> bool:
+    """Less than 1 MiB or no inode left where git was writing."""
+    try:
+        fs = os.statvfs(place)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < (1 << 20) or (fs.f_files > 0 and fs.f_favail == 0)
 
 
 def fast_import(git_dir: Path, args: Sequence[str], stream: bytes) -> subprocess.CompletedProcess:

@@ -50,7 +50,8 @@ def parse_series_text(text: str, where: str) -> list[SeriesEntry]:
                                   hint="quilt series lines take only '-pN'")
             strip = int(m.group(1))
         if not inside_patch_dir(name):
-            raise SeriesError(f"'{name}' must be a path inside the patch folder", where=f"{where}:{number}")
+            raise SeriesError(f"'{name}' must be a path inside the patch folder", where=f"{where}:{number}",
+                              hint="name the file relative to the series file's folder: no '..', no leading '/'")
         if name in seen:
             raise SeriesError(f"'{name}' is listed twice (first on line {seen[name]})", where=f"{where}:{number}",
                               hint="remove the duplicate line")

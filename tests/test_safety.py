@@ -339,3 +339,52 @@ def test_rebase_abort_leaves_no_rebase_folder(tmp_path: Path, upstream: Upstream
     code, _, err = run(root, "rebase", "demo", "--abort")
     assert code == 0, err
     assert not (root / "work/demo/.rebase").exists()
+
+
+# ---- 8. hints that name the real cause
+
+
+def test_full_work_disk_gets_the_disk_full_hint(tmp_path: Path, upstream: Upstream, pinned: str, mount_tmpfs):
+    root = patched_project(tmp_path, upstream, pinned)
+    work = mount_tmpfs("work", "size=256k")
+    assert run(root, "--work-dir", str(work), "apply", "demo")[0] == 0
+    big = upstream.diff({"a.txt": body(l1="x"), "big.txt": os.urandom(400_000).hex()})
+    (root / "patches/s1/one.patch").write_bytes(big)
+    code, _, err = run(root, "--work-dir", str(work), "apply", "demo")
+    assert code == 6, err
+    line = one_error_line(err)
+    assert "disk is full" in line and "untracked file" not in line, err
+
+
+def test_invalid_path_gets_its_own_hint(tmp_path: Path, upstream: Upstream, pinned: str):
+    root = patched_project(tmp_path, upstream, pinned)
+    patch = upstream.diff({"a.txt": body(l1="x"), "dir_file.txt": "x\n"}).replace(b"dir_file.txt", b"git~1/x.txt")
+    (root / "patches/s1/one.patch").write_bytes(patch)
+    code, _, err = run(root, "apply", "demo")
+    assert code == 6, err
+    line = one_error_line(err)
+    assert "not valid on this file system" in line and "untracked file" not in line, err
+
+
+def test_git_errors_name_the_operation():
+    from builder.git import operation
+
+    assert operation(["-c", "checkout.workers=0", "read-tree", "-m", "-u", "a", "b"]) == "read-tree"
+    assert operation(["--no-pager", "log"]) == "log"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[stacks.x]\nextends = "y"\n[stacks.y]\nextends = "x"\n', "remove 'extends'"),
+    ('[stacks.x]\nextends = "nope"\n', "defined stacks: x"),
+])
+def test_stack_errors_have_hints(tmp_path: Path, text: str, needle: str):
+    root = write_project(tmp_path / "p", text).parent
+    code, _, err = run(root, "series")
+    assert code == 2 and needle in one_error_line(err), err
+
+
+def test_series_path_error_has_a_hint(tmp_path: Path, upstream: Upstream, pinned: str):
+    root = patched_project(tmp_path, upstream, pinned)
+    (root / "patches/s1/series").write_text("../outside.patch\n")
+    code, _, err = run(root, "check")
+    assert code == 3 and "hint: name the file relative" in one_error_line(err), err
