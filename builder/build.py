@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
-from .errors import BuildError, ConfigError, EngineError, StackbuildError, VerifyError
+from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
+                     redact_tree)
 from .fsutil import sha256, sha256_file
 from .series import stack_patch_digests
 from .sources import tree_archive
@@ -37,7 +38,6 @@ SCHEMA = 1
 KEY_VERSION = "stackbuild-build-1"
 INSIDE = "/sb"
 SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
-REDACTED = "<redacted>"
 TAIL_LINES = 25
 BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
               "caches", "memory_gb", "disk_gb", "engines", "timeout"}
@@ -291,7 +291,7 @@ def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str 
 
 
 def redact(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: (REDACTED if SECRET_RE.search(k) else v) for k, v in sorted(env.items())}
+    return {k: (REDACTED if SECRET_RE.search(k) else redact_credentials(v)) for k, v in sorted(env.items())}
 
 
 # ---------------------------------------------------------------- stack inputs
@@ -420,6 +420,7 @@ class Progress:
         self.file = open(path, "w", encoding="utf-8")
 
     def __call__(self, line: str) -> None:
+        line = redact_credentials(line)
         with self.lock:
             self.file.write(line + "\n")
             self.file.flush()
@@ -664,6 +665,8 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 manifest["wheels"].append({"source": result.source, "file": wheel.file, "name": wheel.name,
                                            "version": wheel.version, "sha256": wheel.sha256,
                                            "size": (tmp / wheel.file).stat().st_size})
+        # Build args and index URLs may carry `user:token@`: a manifest is meant to be shared.
+        manifest = redact_tree(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         old_dir = None
         if target.exists():
@@ -768,5 +771,6 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
             "image": image_tag(recipe, base_id), "env": redact(source_env(recipe, job.spec)),
             "script": build_script(recipe, job.spec, bool(job.spec.needs)),
         })
-    return {"stack": stack_name, "recipe": recipe.name, "dockerfile": str(recipe.dockerfile), "base": recipe.base,
-            "base_id": base_id, "build_args": {"BASE": recipe.base, **recipe.args}, "steps": steps}
+    return redact_tree({"stack": stack_name, "recipe": recipe.name, "dockerfile": str(recipe.dockerfile),
+                        "base": recipe.base, "base_id": base_id, "build_args": {"BASE": recipe.base, **recipe.args},
+                        "steps": steps})

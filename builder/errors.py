@@ -6,6 +6,34 @@ Each class has its own exit code so scripts can tell failures apart without pars
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+# The user-info of a URL (`https://user:token@host`, `https://token@host`): a secret wherever
+# it is printed or recorded. A bare ssh user (`ssh://git@host`) names no secret and is kept.
+_USERINFO_RE = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]+)@")
+REDACTED = "<redacted>"
+
+
+def redact_credentials(text: str) -> str:
+    def hide(m: re.Match) -> str:
+        scheme, info = m.group(1), m.group(2)
+        keep = ":" not in info and not scheme.lower().startswith("http")
+        return m.group(0) if keep else f"{scheme}{REDACTED}@"
+
+    return _USERINFO_RE.sub(hide, text)
+
+
+def redact_tree(value: Any) -> Any:
+    """REDACT_CREDENTIALS over every string of a JSON-like value (a manifest, a plan)."""
+    if isinstance(value, str):
+        return redact_credentials(value)
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v) for v in value]
+    return value
+
 
 class StackbuildError(Exception):
     exit_code = 1
@@ -21,16 +49,16 @@ class StackbuildError(Exception):
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
             text += f" (hint: {self.hint})"
-        return text
+        return redact_credentials(text)
 
     def to_json(self) -> dict:
-        return {
+        return redact_tree({
             "error": self.kind,
             "message": self.message,
             "where": self.where,
             "hint": self.hint,
             "exit_code": self.exit_code,
-        }
+        })
 
 
 class ConfigError(StackbuildError):

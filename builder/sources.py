@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .archives import import_archive, imported_commit
 from .config import Source, looks_like_option
-from .errors import SourceError
+from .errors import SourceError, redact_credentials
 from .fsutil import locked
 from .git import ALLOWED_PROTOCOLS, git, out
 from .settings import Settings
@@ -103,7 +103,7 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
         if not has_commit(git_dir, sha):
             url = settings.rewrite(str(source.url))
             if progress:
-                print(f"fetching {source.name} {sha[:12]} from {url}", file=sys.stderr)
+                print(f"fetching {source.name} {sha[:12]} from {redact_credentials(url)}", file=sys.stderr)
             proc = _fetch(git_dir, url, [f"+{sha}:refs/stackbuild/pins/{sha}"], progress)
             if proc.returncode != 0 or not has_commit(git_dir, sha):
                 # Some servers refuse to serve a SHA that is not a ref tip: take the refs instead.

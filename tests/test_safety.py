@@ -388,3 +388,47 @@ def test_series_path_error_has_a_hint(tmp_path: Path, upstream: Upstream, pinned
     (root / "patches/s1/series").write_text("../outside.patch\n")
     code, _, err = run(root, "check")
     assert code == 3 and "hint: name the file relative" in one_error_line(err), err
+
+
+# ---- 11. credentials in URLs never reach a manifest, a plan, a log or an error line
+
+SECRET_URL = "https://bob:s3cret@repo.example.invalid/simple"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_build_args_with_credentials_are_redacted(tmp_path: Path, monkeypatch):
+    from builder import build as B
+    from builder.config import load_config
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/stackbuild-test.sock")
+    monkeypatch.setenv("STACKBUILD_BUILD_ARG_EXTRA_INDEX", SECRET_URL)
+    monkeypatch.setenv("STACKBUILD_DIST", str(tmp_path / "dist"))
+    code, out, err = run(REPO, "--json", "build", "baseline", "--plan")
+    assert code == 0, err
+    assert "s3cret" not in out and "https://<redacted>@repo.example.invalid/simple" in out
+    cfg = load_config(REPO / "stack.toml")
+    resolved = cfg.stack("baseline")
+    recipe = B.stack_recipe(cfg, resolved)
+    source = resolved.sources[0]
+    item = B.BuildInput(source, Path(), str(source.pin))
+    done = [B.SourceResult(source.name, "k" * 64, True, 0.0, (), "sha256:img", None, None, "fake")]
+    manifest = B.write_dist(load_settings(cfg), "baseline", [item], recipe,
+                            {source.name: B._Job(item, B.parse_source_build(source))}, done, dist_dir=None, seconds=0.0)
+    written = (tmp_path / "dist/baseline/manifest.json").read_text()
+    assert "s3cret" not in written and "s3cret" not in json.dumps(manifest)
+    assert json.loads(written)["sources"][0]["recipe"]["args"]["EXTRA_INDEX"] == \
+        "https://<redacted>@repo.example.invalid/simple"
+
+
+def test_redaction_keeps_a_bare_ssh_user():
+    from builder.errors import redact_credentials
+
+    assert redact_credentials("ssh://git@host/x and https://tok@host/y") == "ssh://git@host/x and https://<redacted>@host/y"
+
+
+def test_source_url_credentials_are_redacted_in_errors(tmp_path: Path, pinned: str):
+    root = write_project(tmp_path / "p", stack_toml("https://bob:s3cret@127.0.0.1:9/x.git", pinned),
+                         {"patches/s1/series": ""}).parent
+    code, out, err = run(root, "sources", "sync")
+    assert code == 5, err
+    assert "s3cret" not in err and "<redacted>@127.0.0.1:9" in one_error_line(err)
