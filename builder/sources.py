@@ -68,6 +68,9 @@ def _fetch(git_dir: Path, url: str, refspecs: list[str], progress: bool) -> subp
 
 def fetch_ref(settings: Settings, source: Source, git_dir: Path, ref: str, *, progress: bool = False) -> str:
     """Resolve REF in the mirror, fetching it from the source's URL when the mirror lacks it."""
+    if looks_like_option(ref):
+        raise SourceError(f"'{ref}' starts with '-' and would be read as a git option", where=f"sources.{source.name}",
+                          hint="give a branch, tag or commit SHA")
     for candidate in (ref, f"refs/stackbuild/refs/{ref}"):
         found = git(["rev-parse", "--verify", "-q", f"{candidate}^{{commit}}"], git_dir=git_dir, check=False)
         if found.returncode == 0:

@@ -432,3 +432,11 @@ def test_source_url_credentials_are_redacted_in_errors(tmp_path: Path, pinned: s
     code, out, err = run(root, "sources", "sync")
     assert code == 5, err
     assert "s3cret" not in err and "<redacted>@127.0.0.1:9" in one_error_line(err)
+
+
+def test_option_ref_is_refused(tmp_path: Path, upstream: Upstream, pinned: str, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = patched_project(tmp_path, upstream, pinned)
+    code, _, err = run(root, "check", "--at", f"up={EVIL}")
+    assert code == 5 and "git option" in one_error_line(err), err
+    assert not (tmp_path / "PWNED").exists()
