@@ -19,8 +19,12 @@ def _interrupted_while_loading(_signum: int, _frame: object) -> None:
     os._exit(130)
 
 
+# At import, not in main(): the console script imports this module first, so the handler is in
+# place from the first line of stackbuild's own code (the interpreter's start is out of reach).
+signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+
 def main() -> None:
-    signal.signal(signal.SIGINT, _interrupted_while_loading)
     from .cli import main as cli
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
