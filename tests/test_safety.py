@@ -88,9 +88,15 @@ def test_unsafe_gitmodules_entry_is_refused(tmp_path: Path, upstream: Upstream, 
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_git_ignores_the_users_global_config(tmp_path: Path, upstream: Upstream, pinned: str, hermetic: Path):
+def test_git_ignores_the_users_global_config(tmp_path: Path, upstream: Upstream, pinned: str, hermetic: Path,
+                                             monkeypatch):
     # A user's url.insteadOf must not change which repository a stack means.
     (hermetic / ".gitconfig").write_text(f'[url "{tmp_path}/nowhere/"]\n\tinsteadOf = {upstream.path.parent}/\n')
+    # Nor may a surrounding hook's repository or one-off settings.
+    monkeypatch.setenv("GIT_DIR", str(upstream.path / ".git"))
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.{tmp_path}/nowhere/.insteadOf")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", f"{upstream.path.parent}/")
     settings = load_settings(None, work_dir=tmp_path / "work")
     assert sync(settings, Source("up", "git", url=str(upstream.path), commit=pinned)).commit == pinned
 

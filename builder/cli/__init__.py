@@ -83,6 +83,10 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo(f"stackbuild: {INTERRUPTED.kind} error: {INTERRUPTED}", err=True)
             sys.exit(INTERRUPTED.exit_code)
+        except OSError as exc:  # outside `run`: rendering, writing output files
+            error = os_error(exc, exc.filename, "read or write a file")
+            click.echo(f"stackbuild: {error.kind} error: {error}", err=True)
+            sys.exit(error.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
