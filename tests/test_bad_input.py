@@ -228,8 +228,11 @@ def test_interrupt_during_replay_keeps_old_worktree(tmp_path: Path, upstream: Up
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        # -SIGINT: the signal came before Python installed its handler.
-        assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err.decode(errors="replace")[-2000:])
+        # -SIGINT: the signal came before Python installed its handler; 1 with "init_import_site":
+        # it came while the interpreter itself was starting (a loaded machine), before any of our code.
+        started = b"init_import_site" not in err
+        assert proc.returncode in (0, 130, -signal.SIGINT) or (proc.returncode == 1 and not started), \
+            (proc.returncode, err.decode(errors="replace")[-2000:])
         text = (wt / "a.txt").read_text()
         assert text in (old, final)
         assert sh("git", "status", "--porcelain", "--untracked-files=no", cwd=wt).strip() == ""
