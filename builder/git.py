@@ -6,7 +6,9 @@ milliseconds for hundreds of patches, and per-call overhead is what it is measur
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -34,6 +36,15 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _die_with_parent(parent: int) -> None:
+    """A shielded child runs in its own session (a terminal's Ctrl-C must not stop a checkout
+    halfway), so a SIGKILL of our process group would not reach it: the kernel kills it when we
+    die instead, and a re-run never races a checkout still writing (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # we died before prctl took effect
+        os._exit(137)
+
+
 def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = None, input: bytes | None = None,
         env: Mapping[str, str] | None = None, check: bool = True, error: type[StackbuildError] = SourceError,
         where: str | None = None, hint: str | None = None) -> subprocess.CompletedProcess:
@@ -41,8 +52,10 @@ def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = 
     if git_dir is not None:
         cmd.append(f"--git-dir={git_dir}")
     cmd.extend(args)
+    shield = shielded()
+    parent = os.getpid()
     proc = subprocess.run(cmd, cwd=cwd, input=input, env=base_env(env), capture_output=True,
-                          start_new_session=shielded())
+                          start_new_session=shield, preexec_fn=(lambda: _die_with_parent(parent)) if shield else None)
     if check and proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         raise error(f"git {args[0]} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",

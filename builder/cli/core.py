@@ -106,6 +106,12 @@ def apply_cmd(ctx: Context, stack: str, allow_fuzz: int, force: bool) -> None:
                 console.print(patch_table(title, s["patches"]))
             else:
                 console.print(title)
+            backup = s["backup"]
+            for ref in backup["refs"]:
+                console.print(f"  replaced by --force, kept: {ref} (in {s['worktree']})")
+            if backup["files"]:
+                console.print(f"  untracked files in the patches' way, moved to {backup['folder']}: "
+                              + ", ".join(backup["files"][:10]) + (" …" if len(backup["files"]) > 10 else ""))
 
     emit(ctx, report.to_json(), render)
     if report.error is not None:
