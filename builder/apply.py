@@ -924,52 +924,63 @@ class Backup:
         return {"refs": list(self.refs), "folder": str(self.folder) if self.folder else None, "files": list(self.files)}
 
 
-def _back_up(root: Path, wt: Path, branch: str, recorded: str | None, new: str) -> Backup:
-    """Before `--force` resets a worktree: its own commits and uncommitted changes under
-    refs/stackbuild/backup/<stamp>/, untracked files a patch's files would overwrite moved to
-    <work>/<stack>/.backup/<stamp>/<source>/."""
-    stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
-    keep = {recorded, new, None, ""}
+def _stamp() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+
+
+def _set_aside(root: Path, wt: Path, stamp: str, paths: Sequence[str]) -> Path | None:
+    """Moves PATHS of the worktree into <work>/<stack>/.backup/<stamp>/<source>/, keeping their layout."""
+    if not paths:
+        return None
+    folder = root / ".backup" / stamp / wt.name
+    for p in paths:
+        (folder / p).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(wt / p, folder / p)
+    return folder
+
+
+def _back_up(root: Path, wt: Path, branch: str, recorded: str | None, new: str, *, commits: bool) -> Backup:
+    """Before a worktree is reset (`--force`, or finishing an interrupted move): with COMMITS, its
+    own commits and uncommitted changes under refs/stackbuild/backup/<stamp>/; always, untracked
+    files NEW's files would overwrite, set aside."""
+    stamp = _stamp()
     refs = []
-    heads = {"head": _wt_git(wt, ["rev-parse", "-q", "--verify", "HEAD"], check=False).stdout.decode().strip(),
-             "branch": _wt_git(wt, ["rev-parse", "-q", "--verify", f"refs/heads/{branch}"], check=False).stdout.decode().strip(),
-             "uncommitted": _wt_git(wt, ["stash", "create"], check=False, env=_BACKUP_IDENTITY).stdout.decode().strip()}
-    for what, sha in heads.items():
-        if sha not in keep:
-            ref = f"refs/stackbuild/backup/{stamp}/{what}"
-            _wt_git(wt, ["update-ref", ref, sha])
-            refs.append(ref)
-            keep.add(sha)
-    untracked = [p for p in _wt_git(wt, ["ls-files", "-z", "--others"]).stdout.decode().split("\0") if p]
+    if commits:
+        keep = {recorded, new, None, ""}
+        heads = {"head": _wt_git(wt, ["rev-parse", "-q", "--verify", "HEAD"], check=False).stdout.decode().strip(),
+                 "branch": _wt_git(wt, ["rev-parse", "-q", "--verify", f"refs/heads/{branch}"], check=False).stdout.decode().strip(),
+                 "uncommitted": _wt_git(wt, ["stash", "create"], check=False).stdout.decode().strip()}
+        for what, sha in heads.items():
+            if sha not in keep:
+                ref = f"refs/stackbuild/backup/{stamp}/{what}"
+                _wt_git(wt, ["update-ref", ref, sha])
+                refs.append(ref)
+                keep.add(sha)
+    untracked = _paths(_wt_git(wt, ["ls-files", "-z", "--others"]))
     files: list[str] = []
-    folder = None
     if untracked:
-        tracked = [p for p in _wt_git(wt, ["ls-tree", "-r", "-z", "--name-only", new]).stdout.decode().split("\0") if p]
+        tracked = _paths(_wt_git(wt, ["ls-tree", "-r", "-z", "--name-only", new]))
         names = set(tracked)
-        dirs = {str(Path(p).parent) for p in tracked}
-        for p in untracked:
-            parents = {str(q) for q in Path(p).parents}
-            if p in names or p in dirs or parents & names:
-                files.append(p)
-        if files:
-            folder = root / ".backup" / stamp / wt.name
-            for p in files:
-                (folder / p).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(wt / p, folder / p)
-    return Backup(tuple(refs), folder, tuple(files))
+        dirs = {str(q) for p in tracked for q in Path(p).parents}
+        files = [p for p in untracked if p in names or p in dirs or {str(q) for q in Path(p).parents} & names]
+    return Backup(tuple(refs), _set_aside(root, wt, stamp, files), tuple(files))
 
 
-_BACKUP_IDENTITY = {"GIT_COMMITTER_NAME": IDENTITY, "GIT_COMMITTER_EMAIL": EMAIL}
+def _paths(proc: subprocess.CompletedProcess) -> list[str]:
+    """NUL-separated paths as git prints them; bytes that are not UTF-8 survive the round trip."""
+    return [os.fsdecode(p) for p in proc.stdout.split(b"\0") if p]
 
 
-def _leftovers(wt: Path, journal: Journal, new: str) -> None:
-    """Files an interrupted `read-tree` wrote for a target the stack no longer wants: untracked
-    now, and ours, so they go (the journal names the old target)."""
-    added = set(_wt_git(wt, ["diff-tree", "-r", "-z", "--name-only", "--diff-filter=A", journal.start, journal.to])
-                .stdout.decode().split("\0"))
-    for p in _wt_git(wt, ["ls-files", "-z", "--others"]).stdout.decode().split("\0"):
-        if p and p in added:
-            (wt / p).unlink(missing_ok=True)
+def _leftovers(root: Path, wt: Path, journal: Journal, backup: Backup) -> Backup:
+    """Files an interrupted `read-tree` may have written for a target the stack no longer wants:
+    untracked now. Set aside rather than deleted: the user's own file may sit there."""
+    assert journal.start is not None
+    added = set(_paths(_wt_git(wt, ["diff-tree", "-r", "-z", "--name-only", "--diff-filter=A", journal.start, journal.to])))
+    files = [p for p in _paths(_wt_git(wt, ["ls-files", "-z", "--others"])) if p in added]
+    if not files:
+        return backup
+    folder = _set_aside(root, wt, backup.folder.parent.name if backup.folder else _stamp(), files)
+    return Backup(backup.refs, folder, backup.files + tuple(files))
 
 
 def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, *,
@@ -988,8 +999,6 @@ def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new
     elif force or journal is not None:
         _wt_git(wt, ["-c", "checkout.workers=0", "checkout", "-q", "-f", "-B", branch, new],
                 hint="free disk space (or fix what git names), then re-run: the move is journaled and finishes by itself")
-        if journal is not None and journal.start is not None and journal.to != new:
-            _leftovers(wt, journal, new)
         action = "updated"
     else:
         # Parallel checkout: writing the changed files is most of an apply's wall time.
@@ -1092,8 +1101,8 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                 if result is None:
                     action = "unchanged"
                 else:
-                    if force and current is not None and journal is None:
-                        backup = _back_up(root, wt, branch, recorded, head)
+                    if current is not None and (force or journal is not None):
+                        backup = _back_up(root, wt, branch, recorded, head, commits=journal is None)
                     path = _write_journal(root, src.name, current, head, branch)
                     _crash_point("journaled")
                     try:
@@ -1105,6 +1114,8 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                         if current is None:  # the half-made worktree is gone already
                             path.unlink()
                         raise
+                    if journal is not None and journal.start is not None and journal.to != head:
+                        backup = _leftovers(root, wt, journal, backup)
                 complete = result is None or result.ok
                 state["sources"][src.name] = {
                     "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,

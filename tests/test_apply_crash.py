@@ -245,3 +245,16 @@ def test_disk_full_during_an_update_then_rerun_after_freeing_space(project: Proj
         assert_recovers(project, project.v2, work, project.head2)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_interrupted_update_to_a_target_no_longer_wanted(project: Project, tmp_path: Path):
+    """Killed moving to v2, the stack is set back to v1: files v2's move may have written are
+    untracked then; they are set aside (they might be the user's), not left in the worktree."""
+    work = tmp_path / "work"
+    assert stackbuild(project, project.v1, work).returncode == 0
+    crash(project, project.v2, work, tmp_path, at="journaled")
+    written = work / "demo" / "up" / "new" / "n000.txt"
+    written.parent.mkdir()
+    written.write_text(content(0, " new"))  # as a read-tree killed midway leaves it: not in the index
+    assert_recovers(project, project.v1, work, project.head1)
+    assert [p.read_text() for p in (work / "demo" / ".backup").rglob("n000.txt")] == [content(0, " new")]
