@@ -1052,6 +1052,34 @@ def keep_alive(git_dir: Path, wt: Path, head: str) -> None:
         atomic_write(path, json.dumps(known, indent=1, sort_keys=True).encode())
 
 
+def journaled_move(root: Path, source: str, git_dir: Path, wt: Path, branch: str, current: str | None, new: str, *,
+                   force: bool = False, journal: Journal | None = None, recorded: str | None = None,
+                   record: Callable[[], None]) -> tuple[str, Backup]:
+    """One worktree move of apply, journaled in ROOT: the journal is written before the worktree
+    changes and removed once RECORD has noted the new head, so a kill anywhere in between leaves
+    the journal for the next run to finish from. JOURNAL: the one an interrupted move left."""
+    backup = Backup()
+    if current is not None and (force or journal is not None):
+        backup = _back_up(root, wt, branch, recorded, new, commits=journal is None)
+    path = _write_journal(root, source, current, new, branch)
+    _crash_point("journaled")
+    try:
+        action = move_worktree(git_dir, wt, branch, current, new, force=force, journal=journal)
+    except _MoveRefused:
+        path.unlink()
+        raise
+    except ApplyError:
+        if current is None:  # the half-made worktree is gone already
+            path.unlink()
+        raise
+    if journal is not None and journal.start is not None and journal.to != new:
+        backup = _leftovers(root, wt, journal, backup)
+    record()
+    _crash_point("recorded")
+    path.unlink()
+    return action, backup
+
+
 def _refuse_during_rebase(root: Path, stack: str, source: str) -> None:
     from .rebase import sources_in_progress, state_dir_for  # rebase builds on this module
     state_dir = state_dir_for(root.parent, stack)
@@ -1097,37 +1125,24 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
             for src, wt, current, result, digest, journal, recorded in plans:
                 synced = prep.synced[src.name]
                 head = current if result is None else result.head
-                backup = Backup()
-                if result is None:
-                    action = "unchanged"
-                else:
-                    if current is not None and (force or journal is not None):
-                        backup = _back_up(root, wt, branch, recorded, head, commits=journal is None)
-                    path = _write_journal(root, src.name, current, head, branch)
-                    _crash_point("journaled")
-                    try:
-                        action = move_worktree(synced.git_dir, wt, branch, current, head, force=force, journal=journal)
-                    except _MoveRefused:
-                        path.unlink()
-                        raise
-                    except ApplyError:
-                        if current is None:  # the half-made worktree is gone already
-                            path.unlink()
-                        raise
-                    if journal is not None and journal.start is not None and journal.to != head:
-                        backup = _leftovers(root, wt, journal, backup)
                 complete = result is None or result.ok
                 state["sources"][src.name] = {
                     "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,
                     "digest": digest if complete else None,
                     "patches": [{"patch": p.label, "sha256": p.sha256} for p in prep.patches[src.name]],
                 }
-                # Recorded as each worktree moves: if a later one fails, the next apply still
-                # recognises this one as its own and does not ask for --force.
-                atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
-                if result is not None:
-                    _crash_point("recorded")
-                    path.unlink()
+
+                def record() -> None:
+                    # Recorded as each worktree moves: if a later one fails, the next apply still
+                    # recognises this one as its own and does not ask for --force.
+                    atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
+
+                if result is None:
+                    action, backup = "unchanged", Backup()
+                    record()
+                else:
+                    action, backup = journaled_move(root, src.name, synced.git_dir, wt, branch, current, head, force=force,
+                                                    journal=journal, recorded=recorded, record=record)
                 reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action, backup))
                 if result is not None and error is None and result.first_failure is not None:
                     error = _failure_error(name, src.name, result.first_failure)
