@@ -86,7 +86,7 @@ def series_cmd(ctx: Context) -> None:
 @click.argument("stack")
 @click.option("--allow-fuzz", type=click.IntRange(0, 3), default=0, show_default=True,
               help="Accept patches that apply only with up to N lines of context dropped.")
-@click.option("--force", is_flag=True, help="Discard local changes and commits in the worktrees.")
+@click.option("--force", is_flag=True, help="Reset the worktrees; their own commits, changes and untracked files in the way are kept as backups.")
 @json_option
 @pass_ctx
 def apply_cmd(ctx: Context, stack: str, allow_fuzz: int, force: bool) -> None:
