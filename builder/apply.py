@@ -855,7 +855,10 @@ def _journal_path(root: Path, source: str) -> Path:
 
 def _write_journal(root: Path, source: str, start: str | None, to: str, branch: str) -> Path:
     path = _journal_path(root, source)
-    atomic_write(path, json.dumps({"from": start, "to": to, "branch": branch, "pid": os.getpid()}).encode())
+    # No fsync: git does not sync the worktree files it writes either, so after a power cut no
+    # journal could vouch for them; against a killed process the page cache is enough.
+    atomic_write(path, json.dumps({"from": start, "to": to, "branch": branch, "pid": os.getpid()}).encode(),
+                 durable=False)
     return path
 
 
@@ -886,7 +889,7 @@ def _alive(pid: int) -> bool:
 
 def _settle(journal: Journal, wt: Path) -> None:
     """Make an interrupted move's worktree movable again. The lock we hold proves its writer is
-    gone, and git children die with it (see git.git); a live PID is only checked to be sure."""
+    gone, and git children die with it (builder/git.py); a live PID is only checked to be sure."""
     if journal.pid != os.getpid() and _alive(journal.pid):
         raise LockError(f"stackbuild pid {journal.pid} was moving this worktree and is still running", where=str(journal.path),
                         hint="wait for it to end; if that process is not stackbuild, delete the journal and re-run")
@@ -1049,7 +1052,7 @@ def keep_alive(git_dir: Path, wt: Path, head: str) -> None:
         del known[ref]
     if gone or known.get(applied_ref(wt)) != str(wt.absolute()):
         known[applied_ref(wt)] = str(wt.absolute())
-        atomic_write(path, json.dumps(known, indent=1, sort_keys=True).encode())
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True).encode(), durable=False)  # a lost entry only keeps a ref
 
 
 def journaled_move(root: Path, source: str, git_dir: Path, wt: Path, branch: str, current: str | None, new: str, *,
