@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.apply import move_worktree, replay  # noqa: E402
+from builder.apply import journaled_move, replay  # noqa: E402
 from timing import timed  # noqa: E402
 from builder.patches import parse_patch  # noqa: E402
 
@@ -148,7 +148,7 @@ def main() -> None:
 
             def ours_apply() -> None:
                 res = replay(mirror, base, patches)
-                move_worktree(mirror, wt, "stackbuild/bench", base, res.head, force=False)
+                journaled_move(tmp, wt.name, mirror, wt, "stackbuild/bench", base, res.head, record=lambda: None)
 
             results["stackbuild apply"].append(timed(ours_apply))
             assert git("rev-parse", "HEAD^{tree}", cwd=wt).decode().strip() == tip_tree

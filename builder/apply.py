@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .config import Config, ResolvedStack, Source
-from .errors import ApplyError, PatchError
+from .errors import ApplyError, LockError, PatchError, StackbuildError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, out
 from .patches import FileDiff, Hunk, Patch, split_lf
@@ -792,10 +794,11 @@ class SourceApply:
     head: str
     replay: Replay | None  # None when the worktree was already up to date
     action: str  # "created", "updated", "unchanged"
+    backup: "Backup" = field(default_factory=lambda: Backup())
 
     def to_json(self) -> dict:
         return {"source": self.source, "worktree": str(self.worktree), "base": self.base, "head": self.head,
-                "action": self.action, "ok": self.replay.ok if self.replay else True,
+                "action": self.action, "ok": self.replay.ok if self.replay else True, "backup": self.backup.to_json(),
                 "patches": [r.to_json() for r in self.replay.results] if self.replay else []}
 
 
@@ -831,44 +834,273 @@ def _inspect_worktree(wt: Path, branch: str, recorded: str | None, force: bool) 
         return head
     if head_ref != f"refs/heads/{branch}":
         raise ApplyError(f"the worktree is on '{head_ref or 'a detached HEAD'}', not {branch}", where=str(wt),
-                         hint=f"git -C {wt} checkout {branch}, or re-run with --force to reset it")
+                         hint=f"git -C {wt} checkout {branch}, or re-run with --force to reset it (kept under a backup ref)")
     dirty = _wt_git(wt, ["status", "--porcelain", "--untracked-files=no"]).stdout.decode().strip()
     if dirty:
         raise ApplyError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)", where=str(wt),
-                         hint="commit and export them (stackbuild export), stash them, or re-run with --force to discard them")
+                         hint="commit and export them (stackbuild export), stash them, or re-run with --force "
+                              "(they are kept under a backup ref)")
     if recorded and head != recorded:
         raise ApplyError("the worktree has commits that are not in the series", where=str(wt),
-                         hint="export them first (stackbuild export), or re-run with --force to discard them")
+                         hint="export them first (stackbuild export), or re-run with --force (they are kept under a backup ref)")
     return head
 
 
-def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, force: bool) -> str:
-    """A worktree is a clone sharing the mirror's objects, so several work dirs can hold one stack."""
+# A move is journaled beside its worktree before anything of it changes, as git's sequencer and
+# StGit's transaction log do: a process killed mid-move (or a disk that filled up) leaves the
+# journal, and the next apply, holding the work directory's lock, finishes the move by itself.
+
+
+@dataclass(frozen=True)
+class Journal:
+    path: Path
+    start: str | None  # the head before the move; None: the worktree was being created
+    to: str
+    branch: str
+    pid: int
+
+
+def _journal_path(root: Path, source: str) -> Path:
+    return root / f".{source}.move.json"
+
+
+def _write_journal(root: Path, source: str, start: str | None, to: str, branch: str) -> Path:
+    path = _journal_path(root, source)
+    # No fsync: git does not sync the worktree files it writes either, so after a power cut no
+    # journal could vouch for them; against a killed process the page cache is enough.
+    atomic_write(path, json.dumps({"from": start, "to": to, "branch": branch, "pid": os.getpid()}).encode(),
+                 durable=False)
+    return path
+
+
+def _read_journal(root: Path, source: str) -> Journal | None:
+    path = _journal_path(root, source)
+    try:
+        data = json.loads(path.read_text())
+        return Journal(path, data["from"], str(data["to"]), str(data["branch"]), int(data["pid"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ApplyError(f"unreadable move journal: {exc}", where=str(path),
+                         hint="delete it and re-run with --force (the worktree's own changes are kept under a backup ref)") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie no one reaped yet writes nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _settle(journal: Journal, wt: Path) -> None:
+    """Make an interrupted move's worktree movable again. The lock we hold proves its writer is
+    gone, and git children die with it (builder/git.py); a live PID is only checked to be sure."""
+    if journal.pid != os.getpid() and _alive(journal.pid):
+        raise LockError(f"stackbuild pid {journal.pid} was moving this worktree and is still running", where=str(journal.path),
+                        hint="wait for it to end; if that process is not stackbuild, delete the journal and re-run")
+    # Left by a git we ran and that was killed; nobody else writes a worktree we are moving.
+    (wt / ".git" / "index.lock").unlink(missing_ok=True)
+    if journal.start is None:
+        # A first checkout that did not finish: the folder holds nothing but what we wrote.
+        shutil.rmtree(wt, ignore_errors=True)
+
+
+def _crash_point(moment: str) -> None:
+    """Testing seam of tests/test_apply_crash.py: STACKBUILD_CRASH_AT=<moment> kills apply at that
+    moment of a move, as a power cut or `kill -9` would, to prove the next run finishes it."""
+    if os.environ.get("STACKBUILD_CRASH_AT") == moment:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def create_worktree(git_dir: Path, wt: Path, error: type[StackbuildError]) -> None:
+    """A clone sharing the mirror's objects, so several work dirs can hold one stack; no checkout."""
+    wt.parent.mkdir(parents=True, exist_ok=True)
+    git(["clone", "-q", "--shared", "--no-checkout", "--", str(git_dir), str(wt)], error=error,
+        hint="check disk space and permissions of the work directory")
+    git(["config", "core.hooksPath", os.devnull], cwd=wt, error=error, where=str(wt))
+
+
+@dataclass(frozen=True)
+class Backup:
+    """What a forced move replaced, kept: refs in the worktree's repository, files in a folder."""
+
+    refs: tuple[str, ...] = ()
+    folder: Path | None = None
+    files: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"refs": list(self.refs), "folder": str(self.folder) if self.folder else None, "files": list(self.files)}
+
+
+def _stamp() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+
+
+def _set_aside(root: Path, wt: Path, stamp: str, paths: Sequence[str]) -> Path | None:
+    """Moves PATHS of the worktree into <work>/<stack>/.backup/<stamp>/<source>/, keeping their layout."""
+    if not paths:
+        return None
+    folder = root / ".backup" / stamp / wt.name
+    for p in paths:
+        (folder / p).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(wt / p, folder / p)
+    return folder
+
+
+def _back_up(root: Path, wt: Path, branch: str, recorded: str | None, new: str, *, commits: bool) -> Backup:
+    """Before a worktree is reset (`--force`, or finishing an interrupted move): with COMMITS, its
+    own commits and uncommitted changes under refs/stackbuild/backup/<stamp>/; always, untracked
+    files NEW's files would overwrite, set aside."""
+    stamp = _stamp()
+    refs = []
+    if commits:
+        keep = {recorded, new, None, ""}
+        heads = {"head": _wt_git(wt, ["rev-parse", "-q", "--verify", "HEAD"], check=False).stdout.decode().strip(),
+                 "branch": _wt_git(wt, ["rev-parse", "-q", "--verify", f"refs/heads/{branch}"], check=False).stdout.decode().strip(),
+                 "uncommitted": _wt_git(wt, ["stash", "create"], check=False).stdout.decode().strip()}
+        for what, sha in heads.items():
+            if sha not in keep:
+                ref = f"refs/stackbuild/backup/{stamp}/{what}"
+                _wt_git(wt, ["update-ref", ref, sha])
+                refs.append(ref)
+                keep.add(sha)
+    untracked = _paths(_wt_git(wt, ["ls-files", "-z", "--others"]))
+    files: list[str] = []
+    if untracked:
+        tracked = _paths(_wt_git(wt, ["ls-tree", "-r", "-z", "--name-only", new]))
+        names = set(tracked)
+        dirs = {str(q) for p in tracked for q in Path(p).parents}
+        files = [p for p in untracked if p in names or p in dirs or {str(q) for q in Path(p).parents} & names]
+    return Backup(tuple(refs), _set_aside(root, wt, stamp, files), tuple(files))
+
+
+def _paths(proc: subprocess.CompletedProcess) -> list[str]:
+    """NUL-separated paths as git prints them; bytes that are not UTF-8 survive the round trip."""
+    return [os.fsdecode(p) for p in proc.stdout.split(b"\0") if p]
+
+
+def _leftovers(root: Path, wt: Path, journal: Journal, backup: Backup) -> Backup:
+    """Files an interrupted `read-tree` may have written for a target the stack no longer wants:
+    untracked now. Set aside rather than deleted: the user's own file may sit there."""
+    assert journal.start is not None
+    added = set(_paths(_wt_git(wt, ["diff-tree", "-r", "-z", "--name-only", "--diff-filter=A", journal.start, journal.to])))
+    files = [p for p in _paths(_wt_git(wt, ["ls-files", "-z", "--others"])) if p in added]
+    if not files:
+        return backup
+    folder = _set_aside(root, wt, backup.folder.parent.name if backup.folder else _stamp(), files)
+    return Backup(backup.refs, folder, backup.files + tuple(files))
+
+
+def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new: str, *,
+                  force: bool = False, journal: Journal | None = None) -> str:
+    """Moves WT from CURRENT (None: not there yet) to NEW on BRANCH. JOURNAL, when given, is the
+    record of an interrupted move: the worktree is ours mid-way and is reset to NEW."""
     if current is None:
         try:
-            wt.parent.mkdir(parents=True, exist_ok=True)
-            git(["clone", "-q", "--shared", "--no-checkout", str(git_dir), str(wt)], error=ApplyError,
-                hint="check disk space and permissions of the work directory")
-            _wt_git(wt, ["config", "core.hooksPath", "/dev/null"])
+            create_worktree(git_dir, wt, ApplyError)
+            _crash_point("cloned")
             _wt_git(wt, ["-c", "checkout.workers=0", "checkout", "-q", "-B", branch, new])
-        except BaseException:
-            shutil.rmtree(wt, ignore_errors=True)
+        except ApplyError:
+            shutil.rmtree(wt, ignore_errors=True)  # a failure we saw (a kill leaves the journal)
             raise
         action = "created"
-    elif current == new and not force:
-        return "unchanged"
-    elif force:
-        _wt_git(wt, ["checkout", "-q", "-f", "-B", branch, new])
+    elif force or journal is not None:
+        _wt_git(wt, ["-c", "checkout.workers=0", "checkout", "-q", "-f", "-B", branch, new],
+                hint="free disk space (or fix what git names), then re-run: the move is journaled and finishes by itself")
         action = "updated"
     else:
         # Parallel checkout: writing the changed files is most of an apply's wall time.
-        _wt_git(wt, ["-c", "checkout.workers=0", "read-tree", "-m", "-u", current, new],
-                hint="an untracked file in the worktree is in the way; move it and re-run")
+        proc = _wt_git(wt, ["-c", "checkout.workers=0", "read-tree", "-m", "-u", current, new], check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace")
+            if "would be overwritten" in err or "would be removed" in err:
+                # read-tree checks every path before writing one: nothing moved.
+                raise _MoveRefused(f"git read-tree refused: {err.strip().splitlines()[0]}", where=str(wt),
+                                   hint="an untracked file in the worktree is in the way; move it and re-run")
+            raise ApplyError(f"git read-tree failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}",
+                             where=str(wt), hint="free disk space (or fix what git names), then re-run: "
+                                                 "the move is journaled and finishes by itself")
+        _crash_point("read-tree")
         _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
         action = "updated"
-    # The worktree borrows the mirror's objects: a ref there keeps `git gc` from pruning them.
-    git(["update-ref", f"refs/stackbuild/applied/{branch}/{wt.name}", new], git_dir=git_dir, check=False)
+    _crash_point("moved")
+    keep_alive(git_dir, wt, new)
     return action
+
+
+class _MoveRefused(ApplyError):
+    """A move git refused before writing anything: there is nothing to finish."""
+
+
+# The worktree borrows the mirror's objects: a ref there keeps `git gc` from pruning them. One
+# ref per worktree, named by a hash of its absolute path, so two work dirs of one stack never
+# share (or overwrite) one; the map beside them names the paths, to drop refs of deleted ones.
+APPLIED_MAP = "stackbuild-worktrees.json"
+
+
+def applied_ref(wt: Path) -> str:
+    return f"refs/stackbuild/applied/{sha256(str(wt.absolute()).encode())[:32]}"
+
+
+def keep_alive(git_dir: Path, wt: Path, head: str) -> None:
+    git(["update-ref", applied_ref(wt), head], git_dir=git_dir, check=False)
+    path = git_dir / APPLIED_MAP
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    gone = [ref for ref, where in known.items() if not (Path(str(where)) / ".git").exists()]
+    for ref in gone:
+        git(["update-ref", "-d", ref], git_dir=git_dir, check=False)
+        del known[ref]
+    if gone or known.get(applied_ref(wt)) != str(wt.absolute()):
+        known[applied_ref(wt)] = str(wt.absolute())
+        atomic_write(path, json.dumps(known, indent=1, sort_keys=True).encode(), durable=False)  # a lost entry only keeps a ref
+
+
+def journaled_move(root: Path, source: str, git_dir: Path, wt: Path, branch: str, current: str | None, new: str, *,
+                   force: bool = False, journal: Journal | None = None, recorded: str | None = None,
+                   record: Callable[[], None]) -> tuple[str, Backup]:
+    """One worktree move of apply, journaled in ROOT: the journal is written before the worktree
+    changes and removed once RECORD has noted the new head, so a kill anywhere in between leaves
+    the journal for the next run to finish from. JOURNAL: the one an interrupted move left."""
+    backup = Backup()
+    if current is not None and (force or journal is not None):
+        backup = _back_up(root, wt, branch, recorded, new, commits=journal is None)
+    path = _write_journal(root, source, current, new, branch)
+    _crash_point("journaled")
+    try:
+        action = move_worktree(git_dir, wt, branch, current, new, force=force, journal=journal)
+    except _MoveRefused:
+        path.unlink()
+        raise
+    except ApplyError:
+        if current is None:  # the half-made worktree is gone already
+            path.unlink()
+        raise
+    if journal is not None and journal.start is not None and journal.to != new:
+        backup = _leftovers(root, wt, journal, backup)
+    record()
+    _crash_point("recorded")
+    path.unlink()
+    return action, backup
+
+
+def _refuse_during_rebase(root: Path, stack: str, source: str) -> None:
+    from .rebase import sources_in_progress, state_dir_for  # rebase builds on this module
+    state_dir = state_dir_for(root.parent, stack)
+    if source in sources_in_progress(state_dir):
+        raise ApplyError(f"a rebase of '{source}' is in progress in this work directory", where=str(state_dir / f"{source}.json"),
+                         hint=f"finish it (`stackbuild rebase --continue`) or undo it (`stackbuild rebase --abort`) "
+                              f"before applying '{stack}'")
 
 
 def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: int = 0, force: bool = False,
@@ -876,9 +1108,9 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
     """Worktrees at work/<stack>/<source> on branch stackbuild/<stack>, one commit per patch.
 
     Everything is computed first (patches read and verified, sources synced, commits written as
-    objects); the worktrees and branches move last, with Ctrl-C held, so a failure or an
-    interrupt leaves every worktree as it was. A patch that does not apply stops its source at
-    the last good commit.
+    objects); the worktrees and branches move last, with Ctrl-C held and each move journaled, so
+    a failure or an interrupt leaves every worktree as it was or finishable by a plain re-run. A
+    patch that does not apply stops its source at the last good commit.
     """
     root = stack_dir(settings, name)
     with locked(root / ".lock", f"the work directory of stack '{name}'"):
@@ -888,31 +1120,44 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
         plans = []
         for src in prep.stack.sources:
             wt = root / src.name
+            _refuse_during_rebase(root, name, src.name)
+            journal = _read_journal(root, src.name)
+            if journal is not None:
+                _settle(journal, wt)
             recorded = state["sources"].get(src.name, {})
-            current = _inspect_worktree(wt, branch, recorded.get("head"), force)
+            current = _inspect_worktree(wt, branch, recorded.get("head"), force or journal is not None)
             digest = prep.digest(src.name)
-            if current is not None and current == recorded.get("head") and recorded.get("digest") == digest and not force:
-                plans.append((src, wt, current, None, digest))
+            if (current is not None and current == recorded.get("head") and recorded.get("digest") == digest
+                    and not force and journal is None):
+                plans.append((src, wt, current, None, digest, None, recorded.get("head")))
                 continue
             result = _replay_source(prep, src.name, allow_fuzz=allow_fuzz)
-            plans.append((src, wt, current, result, digest))
+            plans.append((src, wt, current, result, digest, journal, recorded.get("head")))
         reports = []
         error = None
         with deferred_interrupts():
-            for src, wt, current, result, digest in plans:
+            for src, wt, current, result, digest, journal, recorded in plans:
                 synced = prep.synced[src.name]
                 head = current if result is None else result.head
-                action = "unchanged" if result is None else move_worktree(synced.git_dir, wt, branch, current, head, force)
                 complete = result is None or result.ok
                 state["sources"][src.name] = {
                     "git_dir": str(synced.git_dir), "base": synced.commit, "head": head,
                     "digest": digest if complete else None,
                     "patches": [{"patch": p.label, "sha256": p.sha256} for p in prep.patches[src.name]],
                 }
-                # Recorded as each worktree moves: if a later one fails, the next apply still
-                # recognises this one as its own and does not ask for --force.
-                atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
-                reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action))
+
+                def record() -> None:
+                    # Recorded as each worktree moves: if a later one fails, the next apply still
+                    # recognises this one as its own and does not ask for --force.
+                    atomic_write(root / STATE_FILE, json.dumps(state, indent=2).encode())
+
+                if result is None:
+                    action, backup = "unchanged", Backup()
+                    record()
+                else:
+                    action, backup = journaled_move(root, src.name, synced.git_dir, wt, branch, current, head, force=force,
+                                                    journal=journal, recorded=recorded, record=record)
+                reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action, backup))
                 if result is not None and error is None and result.first_failure is not None:
                     error = _failure_error(name, src.name, result.first_failure)
         return ApplyReport(name, tuple(reports), error)

@@ -29,10 +29,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int | None = None, durable: bool = True) -> None:
     """Write beside the target, fsync, then rename: readers see the old or the new file, never half.
 
     The file keeps the mode it had; a new one gets the umask's (mkstemp alone would leave 0600).
+    DURABLE=False skips the fsync, for records that need to outlive a killed process but not a
+    power cut (the kernel's page cache survives the one, not the other).
     """
     tmp = None
     try:
@@ -43,7 +45,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:

@@ -10,7 +10,9 @@ would run a command), and callers put `--` before every URL and path.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -62,14 +64,26 @@ def operation(args: Sequence[str]) -> str:
     return rest[0] if rest else "command"
 
 
+def _die_with_parent(parent: int) -> None:
+    """A shielded child runs in its own session (a terminal's Ctrl-C must not stop a checkout
+    halfway), so a SIGKILL of our process group would not reach it: the kernel kills it when we
+    die instead, and a re-run never races a checkout still writing (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # we died before prctl took effect
+        os._exit(137)
+
+
 def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = None, input: bytes | None = None,
         env: Mapping[str, str] | None = None, check: bool = True, error: type[StackbuildError] = SourceError,
         where: str | None = None, hint: str | None = None, progress: bool = False) -> subprocess.CompletedProcess:
     """PROGRESS: git's stderr goes to the terminal (fetch progress) instead of being captured."""
+    shield = shielded()
+    parent = os.getpid()
     try:
         proc = subprocess.run(command(args, git_dir), cwd=cwd, input=input, env=base_env(env),
                               stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
-                              start_new_session=shielded())
+                              start_new_session=shield,
+                              preexec_fn=(lambda: _die_with_parent(parent)) if shield else None)
     except OSError as exc:
         raise error(f"cannot run git {operation(args)}: {exc.strerror}", where=where or str(git_dir or cwd or "."),
                     hint="check that git is installed and the folder exists and is readable") from None

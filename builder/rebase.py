@@ -412,9 +412,7 @@ def _prepare_worktree(plan: Plan, before: Mapping) -> None:
     """The worktree apply makes: a clone sharing the mirror's objects, on the stack's branch."""
     wt = plan.worktree
     if not before["exists"]:
-        wt.parent.mkdir(parents=True, exist_ok=True)
-        git(["clone", "-q", "--shared", "--no-checkout", "--", str(plan.git_dir), str(wt)], error=RebaseError)
-        git(["config", "core.hooksPath", os.devnull], cwd=wt, error=RebaseError)
+        apply.create_worktree(plan.git_dir, wt, RebaseError)
     git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=wt, error=RebaseError)
     git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=wt, error=RebaseError)
 

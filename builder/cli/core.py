@@ -86,7 +86,7 @@ def series_cmd(ctx: Context) -> None:
 @click.argument("stack")
 @click.option("--allow-fuzz", type=click.IntRange(0, 3), default=0, show_default=True,
               help="Accept patches that apply only with up to N lines of context dropped.")
-@click.option("--force", is_flag=True, help="Discard local changes and commits in the worktrees.")
+@click.option("--force", is_flag=True, help="Reset the worktrees; their own commits, changes and untracked files in the way are kept as backups.")
 @json_option
 @pass_ctx
 def apply_cmd(ctx: Context, stack: str, allow_fuzz: int, force: bool) -> None:
@@ -106,6 +106,12 @@ def apply_cmd(ctx: Context, stack: str, allow_fuzz: int, force: bool) -> None:
                 console.print(patch_table(title, s["patches"]))
             else:
                 console.print(title)
+            backup = s["backup"]
+            for ref in backup["refs"]:
+                console.print(f"  replaced by --force, kept: {ref} (in {s['worktree']})")
+            if backup["files"]:
+                console.print(f"  untracked files in the patches' way, moved to {backup['folder']}: "
+                              + ", ".join(backup["files"][:10]) + (" …" if len(backup["files"]) > 10 else ""))
 
     emit(ctx, report.to_json(), render)
     if report.error is not None:
