@@ -410,3 +410,12 @@ def test_up_after_a_failed_step_shows_no_time_for_steps_never_run(project, upstr
     assert "not run in" not in err
     build_row = next(line for line in out.splitlines() if "build" in line)
     assert " s " not in build_row.replace("not run", "")
+
+
+def test_piped_tables_are_never_wrapped(project, upstream: Upstream):
+    root = project({"one.patch": upstream.diff({"a.txt": body(l5="five")})})
+    _, out, _ = run(root, "--json", "sources", "sync", ok=True)
+    mirror = json.loads(out)[0]["mirror"]
+    _, out, _ = run(root, "sources", "sync", ok=True)
+    row = next(line for line in out.splitlines() if "cached" in line)
+    assert mirror in row and len(row) > 80
