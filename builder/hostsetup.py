@@ -315,14 +315,14 @@ class _Run:
             return None
         return pid if self.host.file(f"/proc/{pid}").is_dir() else None
 
-    def engine(self, log: Path) -> str:
+    def engine(self, log: Path) -> tuple[str, str]:
         step = "docker engine"
         version = self.host.docker.version()
         if version is not None:
             pid = self.daemon_pid()
             if pid is not None:
                 self.running.append(Running("dockerd", pid, None, self.stop_hint()))
-            return f"skipped: Docker Engine {version} answers"
+            return "skipped", f"Docker Engine {version} answers"
         dockerd = self.host.which("dockerd")
         if dockerd is None:
             ce = self.docker_ce()
@@ -352,12 +352,12 @@ class _Run:
                                  hint=f"read {where or 'its log'}")
             self.host.sleep(0.5)
         self.running.append(Running("dockerd", pid, where, self.stop_hint()))
-        return f"done: Docker Engine {version}, {how}"
+        return "done", f"Docker Engine {version}, {how}"
 
-    def image(self, image: str, suite: str, workdir: Path | None) -> str:
+    def image(self, image: str, suite: str, workdir: Path | None) -> tuple[str, str]:
         step = "base image"
         if self.host.docker.has_image(image):
-            return f"skipped: {image} is on the engine"
+            return "skipped", f"{image} is on the engine"
         self.need_root(step, f"{image} is missing and debootstrap needs root",
                        "run stackbuild setup as root, or set STACKBUILD_BASE_IMAGE to an image your engine has")
         if self.host.which("debootstrap") is None:
@@ -382,7 +382,7 @@ class _Run:
                 raise SetupError(exc.message, where=f"setup step '{step}'", hint="check the engine: docker info") from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return f"done: {image} ({suite} from {mirror})"
+        return "done", f"{image} ({suite} from {mirror})"
 
     def trust_host_cas(self, step: str, rootfs: Path) -> None:
         """An intercepting proxy's CA, trusted by this host, must be trusted inside builds too."""
@@ -405,8 +405,7 @@ def setup(host: Host, *, image: str = DEFAULT_IMAGE, suite: str = DEFAULT_SUITE,
     for name, fn in (("docker engine", lambda: state.engine(log)), ("base image", lambda: state.image(image, suite, workdir))):
         say(f"[{name}] ...")
         start = host.clock()
-        outcome = fn()
-        status, _, detail = outcome.partition(": ")
+        status, detail = fn()
         state.steps.append(Step(name, status, detail, round(host.clock() - start, 1)))
         say(f"[{name}] {status} in {host.clock() - start:.1f} s: {detail}")
     return SetupReport(tuple(state.steps), tuple(state.notes), tuple(state.running), image)

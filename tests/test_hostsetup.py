@@ -319,9 +319,10 @@ def test_cli_setup_json_and_exit_code(monkeypatch, tmp_path):
     root = make_root(tmp_path, binaries=())
     engine = FakeEngine(up=False)
     monkeypatch.setattr(H.Host, "this", classmethod(lambda cls: host(root, FakeCommands(root, engine), engine, euid=1000)))
-    out = CliRunner().invoke(main, ["setup", "--json"])
+    out = CliRunner(mix_stderr=False).invoke(main, ["setup", "--json"])
     assert out.exit_code == SetupError.exit_code == 15
-    assert json.JSONDecoder().raw_decode(out.stdout)[0]["error"] == "setup"
+    assert json.loads(out.stdout)["where"] == "setup step 'docker engine'"
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("stackbuild: setup error: setup step 'docker engine'")
     engine.up, engine.images = True, {H.DEFAULT_IMAGE}
-    ok = CliRunner().invoke(main, ["setup", "--json"])
+    ok = CliRunner(mix_stderr=False).invoke(main, ["setup", "--json"])
     assert ok.exit_code == 0 and [s["status"] for s in json.loads(ok.stdout)["steps"]] == ["skipped", "skipped"]
