@@ -39,6 +39,12 @@ INCLUDE = ("ca-certificates", "python3", "python3-pip", "python3-venv", "python3
 # Packages of Docker's own distribution: their containerd.io conflicts with docker.io's containerd.
 DOCKER_CE = ("docker-ce", "docker-ce-cli", "containerd.io", "moby-engine")
 ENGINE_WAIT_S = 60.0
+# A root shell from plain `su` lacks the sbin folders, where dockerd and debootstrap live.
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def _with_sbin(path: list[str]) -> list[str]:
+    return path + [p for p in SBIN if p not in path]
 
 
 class Commands(Protocol):
@@ -60,9 +66,11 @@ class Docker(Protocol):
 
 class SystemCommands:
     def run(self, argv: list[str], *, timeout: float | None = None) -> tuple[int, str]:
+        path = os.pathsep.join(_with_sbin([p for p in os.environ.get("PATH", "").split(os.pathsep) if p]))
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "PATH": path}
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  timeout=timeout, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+                                  timeout=timeout, env=env)
         except FileNotFoundError:
             return 127, f"{argv[0]}: command not found"
         except subprocess.TimeoutExpired:
@@ -114,7 +122,8 @@ class Host:
 
     @classmethod
     def this(cls) -> Host:
-        return cls(path=tuple(p for p in os.environ.get("PATH", "").split(os.pathsep) if p), euid=os.geteuid())
+        path = _with_sbin([p for p in os.environ.get("PATH", "").split(os.pathsep) if p])
+        return cls(path=tuple(path), euid=os.geteuid())
 
     def file(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -331,7 +340,10 @@ class _Run:
                 raise SetupError(f"Docker CE is installed ({', '.join(ce)}) but without dockerd",
                                  where=f"setup step '{step}'", hint="reinstall docker-ce: apt-get install --reinstall docker-ce")
             self.install(step, ["docker.io"])
-            dockerd = self.host.which("dockerd") or "dockerd"
+            dockerd = self.host.which("dockerd")
+            if dockerd is None:
+                raise SetupError("docker.io is installed but no dockerd is on PATH", where=f"setup step '{step}'",
+                                 hint="dpkg -L docker.io | grep dockerd, and add its folder to PATH")
         self.need_root(step, "no Docker Engine answers", "sudo systemctl start docker, or add yourself to the docker "
                                                          "group (sudo usermod -aG docker $USER) and log in again")
         if self.daemon_pid() is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,19 @@ def test_cli_setup_json_and_exit_code(monkeypatch, tmp_path):
     engine.up, engine.images = True, {H.DEFAULT_IMAGE}
     ok = CliRunner(mix_stderr=False).invoke(main, ["setup", "--json"])
     assert ok.exit_code == 0 and [s["status"] for s in json.loads(ok.stdout)["steps"]] == ["skipped", "skipped"]
+
+
+def test_system_commands_report_exit_output_and_missing_programs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    commands = H.SystemCommands()
+    assert commands.run(["sh", "-c", "echo out; echo err >&2; exit 3"]) == (3, "out\nerr\n")
+    assert commands.run(["stackbuild-no-such-program"])[0] == 127
+    assert commands.run(["sleep", "5"], timeout=0.2)[0] == 124
+    log = tmp_path / "logs" / "daemon.log"
+    pid = commands.start_detached(["sh", "-c", "echo started; ps -o sid= -p $$"], log)
+    for _ in range(100):
+        if log.is_file() and len(log.read_text().split()) == 2:
+            break
+        time.sleep(0.05)
+    word, sid = log.read_text().split()
+    assert word == "started" and int(sid) == pid != os.getsid(0), "a session of its own"
