@@ -79,8 +79,9 @@ def check_base_image(eng: engines.Engine | None, recipe: Recipe) -> Check:
     try:
         eng.client.images.get_registry_data(recipe.base)
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        return Check(name, FAIL, f"{recipe.base} is neither on the engine nor reachable: {str(exc).splitlines()[0][:160]}",
-                     True)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Check(name, FAIL, f"{recipe.base} is neither on the engine nor reachable: {reason}; "
+                                 f"make it with stackbuild setup --image {recipe.base} (as root)", True)
     return Check(name, OK, f"{recipe.base} is reachable in its registry", True)
 
 

@@ -152,6 +152,13 @@ class DoctorError(StackbuildError):
     kind = "doctor"
 
 
+class SetupError(StackbuildError):
+    """`stackbuild setup` could not make the host ready (engine, packages, base image)."""
+
+    exit_code = 16
+    kind = "setup"
+
+
 class Interrupted(StackbuildError):
     """Ctrl-C: the operation stopped and its previous state was kept."""
 

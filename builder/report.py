@@ -5,14 +5,28 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Iterable, Sequence
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 STYLE = {"clean": "green", "offset": "green", "3way": "yellow", "fuzz": "yellow", "already-applied": "cyan",
          "conflict": "bold red", "unchanged": "green", "moved": "green", "merged": "yellow", "upstream": "cyan"}
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Wider than any row: piped output (logs, CI, grep) keeps every table row and path on one line.
+UNWRAPPED = 100_000
+
+
+class _Console(Console):
+    """A terminal's own width; anything else is never wrapped (rich would assume 80 columns).
+    Decided at each print: the stream may be swapped after import (tests, redirection)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self.is_terminal:
+            return super().size
+        return ConsoleDimensions(UNWRAPPED, super().size.height)
+
+
+console = _Console(highlight=False)
 
 
 def outcome_text(outcome: str, ok: bool = True) -> str:

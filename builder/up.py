@@ -32,6 +32,12 @@ class Step:
     def to_json(self) -> dict:
         return vars(self).copy()
 
+    def line(self) -> str:
+        """One progress line; a step that never ran has no time to report."""
+        if self.status == "not run":
+            return f"[{self.name}] not run: an earlier step failed"
+        return f"[{self.name}] {self.status} in {self.seconds:.1f} s" + (f": {self.detail}" if self.detail else "")
+
 
 @dataclass(frozen=True)
 class UpReport:

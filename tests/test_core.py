@@ -398,3 +398,24 @@ series = ["sa", "sb"]
     _, out, _ = run(root, "--json", "apply", "two", ok=True)
     actions = {s["source"]: s["action"] for s in json.loads(out)["sources"]}
     assert actions == {"a": "unchanged", "b": "updated"}
+
+
+def test_up_after_a_failed_step_shows_no_time_for_steps_never_run(project, upstream: Upstream):
+    bad = upstream.diff({"b.txt": "changed\n"}).replace(b"-b\n", b"-not what upstream has\n")
+    root = project({"bad.patch": bad})
+    code, out, err = run(root, "up", "demo")
+    assert code == 6
+    assert "[apply] failed in " in err
+    assert "[build] not run: an earlier step failed" in err and "[smoke] not run: an earlier step failed" in err
+    assert "not run in" not in err
+    build_row = next(line for line in out.splitlines() if "build" in line)
+    assert " s " not in build_row.replace("not run", "")
+
+
+def test_piped_tables_are_never_wrapped(project, upstream: Upstream):
+    root = project({"one.patch": upstream.diff({"a.txt": body(l5="five")})})
+    _, out, _ = run(root, "--json", "sources", "sync", ok=True)
+    mirror = json.loads(out)[0]["mirror"]
+    _, out, _ = run(root, "sources", "sync", ok=True)
+    row = next(line for line in out.splitlines() if "cached" in line)
+    assert mirror in row and len(row) > 80

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+import docker.errors
 import pytest
 from click.testing import CliRunner
 
@@ -94,3 +96,30 @@ def test_doctor_against_the_real_engine(tmp_path, monkeypatch):
     assert checks["docker"]["status"] == D.OK and "Docker Engine 2" in checks["docker"]["detail"]
     assert checks["base image (cpu)"]["status"] == D.OK
     assert result.exit_code == (0 if report["ok"] else DoctorError.exit_code)
+
+
+def test_doctor_takes_stack_names_beside_the_global_stack_file():
+    """`--stack` is the stack file everywhere; doctor names stacks as arguments."""
+    stack_file = str(Path(__file__).resolve().parent.parent / "stack.toml")
+    result = CliRunner(mix_stderr=False).invoke(main, ["--stack", stack_file, "doctor", "baseline", "--engine", DEAD])
+    assert result.exit_code == DoctorError.exit_code, result.stderr
+    assert "render nodes" in result.stdout and "base image (xpu)" in result.stdout
+    unknown = CliRunner(mix_stderr=False).invoke(main, ["--stack", stack_file, "doctor", "nope", "--engine", DEAD])
+    assert unknown.exit_code == 2 and "nope" in unknown.stderr
+
+
+def test_an_unreachable_base_image_message_is_whole():
+    reason = "pull access denied for stackbuild/base, repository does not exist or may require 'docker login': " * 2
+
+    class Images:
+        def get_registry_data(self, _ref):
+            raise docker.errors.APIError(reason + "denied")
+
+    class Engine:
+        client = type("Client", (), {"images": Images()})()
+
+        def image_id(self, _ref):
+            return None
+
+    check = D.check_base_image(Engine(), parse_recipe({"recipe": "cpu"}, Path.cwd()))
+    assert check.status == D.FAIL and "denied; make it with stackbuild setup --image" in check.detail

@@ -104,4 +104,4 @@ def main(click_ctx: click.Context, stack_file: str | None, work_dir: str | None,
 pass_ctx = click.make_pass_decorator(Context)
 
 
-from . import build, core, rebase, smoke  # noqa: E402,F401  (commands register themselves on `main`)
+from . import build, core, hostsetup, rebase, smoke  # noqa: E402,F401  (commands register themselves on `main`)

@@ -74,13 +74,14 @@ def verify_cmd(ctx: Context, folder: Path) -> None:
 
 
 @main.command("doctor")
-@click.option("--stack", "stack_name", metavar="STACK", help="Check against this stack's recipe (default: every stack's).")
+@click.argument("stacks", nargs=-1)
 @click.option("--recipe", metavar="NAME", help="Check for a recipe by name (cpu, xpu) without a stack file.")
 @click.option("--engine", "engine_url", metavar="URL", help="Docker Engine to check (default: DOCKER_HOST or the local socket).")
 @json_option
 @pass_ctx
-def doctor_cmd(ctx: Context, stack_name: str | None, recipe: str | None, engine_url: str | None) -> None:
-    """Check this host for building: Docker, disk, RAM + swap, and the XPU needs."""
+def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine_url: str | None) -> None:
+    """Check this host for building STACKS (default: every stack of the stack file): Docker,
+    disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two."""
     from ..build import parse_recipe, stack_recipe
     from ..doctor import run_checks
 
@@ -89,7 +90,7 @@ def doctor_cmd(ctx: Context, stack_name: str | None, recipe: str | None, engine_
             recipes, disk = [parse_recipe({"recipe": recipe}, Path.cwd())], ctx.settings().cache_dir
         else:
             cfg = ctx.config()
-            names = [stack_name] if stack_name else sorted(cfg.stacks)
+            names = list(stacks) or sorted(cfg.stacks)
             recipes = [stack_recipe(cfg, cfg.stack(n)) for n in names]
             disk = ctx.settings(cfg).cache_dir
         return run_checks(recipes, engine_url=engine_url, disk_path=disk)

@@ -212,7 +212,7 @@ def up_cmd(ctx: Context, stack: str | None, profile: str | None, engines: tuple[
         return up(ctx.settings(config), config, name, profile=profile, force=force, engine_urls=engines,
                   smoke=not no_smoke, say=say,
                   on_step=(lambda s: None) if ctx.as_json else
-                  (lambda s: click.echo(f"[{s.name}] {s.status} in {s.seconds:.1f} s {s.detail}", err=True)))
+                  (lambda s: click.echo(s.line(), err=True)))
 
     report = run(ctx, go)
 

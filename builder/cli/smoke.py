@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from .. import results as results_mod
 from .. import smoke as smoke_mod
 from ..errors import SmokeError
-from ..report import simple_table
+from ..report import console, simple_table
 from . import Context, emit, fail, json_option, main, pass_ctx, run
 
 
 def _say(message: str) -> None:
     click.echo(f"stackbuild: {message}", err=True)
-
-
-def _console() -> Console:
-    # Piped output is for logs and CI, where wrapping at 80 columns only hurts.
-    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _fmt(value: Any) -> str:
@@ -34,7 +27,6 @@ def _fmt(value: Any) -> str:
 
 
 def _render_run(record: dict) -> None:
-    console = _console()
     title = f"smoke {record['stack']} ({record['profile']['name']}): {record['verdict'].upper()}"
     console.print(simple_table(title, ("check", "ok", "detail"),
                                ((c["name"], "pass" if c["ok"] else "[red]FAIL[/red]", c["detail"]) for c in record["checks"])))
@@ -127,7 +119,7 @@ def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -
 
     def render(data: dict) -> None:
         cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
-        _console().print(simple_table(f"smoke runs of {stack}", [results_mod.LABELS.get(c, c) for c in cols],
+        console.print(simple_table(f"smoke runs of {stack}", [results_mod.LABELS.get(c, c) for c in cols],
                                       ([_fmt(row[c]) for c in cols] for row in data["runs"])))
         if data.get("plot"):
             click.echo(f"plot: {data['plot']}")
