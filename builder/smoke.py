@@ -130,6 +130,16 @@ class ContainerSpec:
     volumes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     privileged: bool = False
     cap_add: tuple[str, ...] = ()
+    # Host inputs shared with the build ([build] wheelhouse / ca_bundle, STACKBUILD_* overrides):
+    # the host's pip configuration is invisible inside a container, so these go in as files.
+    wheelhouse: Path | None = None
+    ca_bundle: Path | None = None
+    index_url: str | None = None
+
+    @property
+    def bridged(self) -> bool:
+        """The server runs behind a published port instead of on the host's network."""
+        return self.network_mode != "host"
 
 
 @dataclass(frozen=True)
@@ -318,10 +328,16 @@ def _parse_gates(k: _Keys, key: str, raw: Mapping) -> tuple[Gate, ...]:
 
 
 def _parse_container(k: _Keys, raw: Any) -> ContainerSpec:
+    from .build import stack_recipe
+
     raw = _get_table(k, "container", raw)
     _unknown(k, "container", raw, CONTAINER_KEYS)
     shm = raw.get("shm_size")
+    recipe = stack_recipe(k.cfg, k.resolved)
     return ContainerSpec(
+        wheelhouse=recipe.wheelhouse,
+        ca_bundle=recipe.ca_bundle,
+        index_url=recipe.index_url,
         image=_get_str(k, "container.image", raw.get("image")),
         devices=_get_list(k, "container.devices", raw.get("devices", [])),
         group_add=tuple(str(g) for g in _get_list_or_ints(k, "container.group_add", raw.get("group_add", []))),
@@ -720,19 +736,36 @@ def check_port_free(host: str, port: int) -> None:
 # Containers (Docker SDK)
 
 
+CONTAINER_ROOT = "/opt/stackbuild"
+CONTAINER_CA = f"{CONTAINER_ROOT}/certs/ca.pem"
+
+
 def container_dockerfile(sc: SmokeConfig, wheel_files: Sequence[str]) -> str:
-    """A serving image: the base image plus a venv holding the wheels and requirements."""
-    assert sc.container is not None
+    """A serving image: the base image plus a venv holding the wheels and requirements.
+
+    The stack's wheels and the wheelhouse are copied in and found by --find-links; the rest comes
+    from the index the PIP_INDEX_URL build argument names (the host's, handed over at build time,
+    so no index is ever written here) or pip's default.
+    """
+    c = sc.container
+    assert c is not None
     venv = str(Path(CONTAINER_PYTHON).parent.parent)
-    installs = [f"/opt/stackbuild/wheels/{name}" for name in wheel_files] + list(sc.requirements)
-    lines = [f"FROM {sc.container.image}",
-             "COPY tinymodel.py /opt/stackbuild/tinymodel.py"]
+    installs = [f"{CONTAINER_ROOT}/wheels/{name}" for name in wheel_files] + list(sc.requirements)
+    lines = [f"FROM {c.image}", "ARG PIP_INDEX_URL"]
+    if c.ca_bundle is not None:
+        lines += [f"COPY ca.pem {CONTAINER_CA}",
+                  f"ENV PIP_CERT={CONTAINER_CA} SSL_CERT_FILE={CONTAINER_CA} REQUESTS_CA_BUNDLE={CONTAINER_CA}"]
+    lines.append(f"COPY tinymodel.py {CONTAINER_ROOT}/tinymodel.py")
+    find_links = []
     if wheel_files:
-        lines.append("COPY wheels/ /opt/stackbuild/wheels/")
-    lines.append(f"RUN python3 -m venv {venv}")
+        lines.append(f"COPY wheels/ {CONTAINER_ROOT}/wheels/")
+    if c.wheelhouse is not None:
+        lines.append(f"COPY wheelhouse/ {CONTAINER_ROOT}/wheelhouse/")
+        find_links = ["--find-links", f"{CONTAINER_ROOT}/wheelhouse"]
+    lines += [f"RUN python3 -m venv {venv}", f"ENV VIRTUAL_ENV={venv} PATH={venv}/bin:$PATH"]
     if installs:
-        lines.append(f"RUN {venv}/bin/pip install --disable-pip-version-check "
-                     + " ".join(_shell_quote(a) for a in (*sc.pip_args, *installs)))
+        lines.append(f"RUN {venv}/bin/pip install --disable-pip-version-check --no-cache-dir "
+                     + " ".join(_shell_quote(a) for a in (*find_links, *sc.pip_args, *installs)))
     if sc.uninstall:
         lines.append(f"RUN {venv}/bin/pip uninstall -y " + " ".join(_shell_quote(a) for a in sc.uninstall))
     return "\n".join(lines) + "\n"
@@ -777,7 +810,8 @@ def container_run_spec(sc: SmokeConfig, image: str, argv: Sequence[str], env: Ma
         "network_mode": c.network_mode,
         "privileged": c.privileged,
     }
-    if c.network_mode != "host":
+    if c.bridged:
+        # Published on the asked-for host address only (127.0.0.1 by default), never on all of them.
         spec["ports"] = {f"{port}/tcp": (host, port)}
     if c.shm_size:
         spec["shm_size"] = c.shm_size
@@ -802,59 +836,161 @@ def _docker():
     return client
 
 
+def image_key(sc: SmokeConfig, build: BuildOutput | None, dockerfile: str, base_id: str) -> str:
+    """Names the serving image by what decides its content: the Dockerfile (base, requirements, pip
+    arguments), the base image's id, the wheels' sha256 and the wheelhouse's files."""
+    c = sc.container
+    assert c is not None
+    wheelhouse = (sorted([p.name, p.stat().st_size] for p in c.wheelhouse.iterdir() if p.is_file())
+                  if c.wheelhouse is not None else [])
+    payload = {"dockerfile": dockerfile, "base_id": base_id, "tinymodel": sha256_file(Path(tinymodel.__file__)),
+               "wheels": sorted(w.sha256 for w in build.wheels) if build else [], "wheelhouse": wheelhouse}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _image_id(client: Any, name: str) -> str | None:
+    import docker.errors
+
+    try:
+        return client.images.get(name).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def prepare_image(settings: Settings, sc: SmokeConfig, build: BuildOutput | None,
                   say: Callable[[str], None] = lambda _m: None) -> str:
+    """The cached serving image `stackbuild-smoke:<key>`; built once per content key."""
+    from .archives import pip_setting
+
+    c = sc.container
+    assert c is not None
     client = _docker()
-    tag = f"stackbuild-smoke:{env_key(sc, build, sc.container.image)}"  # type: ignore[union-attr]
-    if client.images.list(name=tag):
+    base_id = _image_id(client, c.image)
+    if base_id is None:
+        raise SmokeError(f"the base image {c.image} is not on the Docker Engine", where="[smoke.container] image",
+                         hint="build or load it first (`stackbuild doctor` names the base image steps)")
+    names = [w.file.name for w in build.wheels] if build else []
+    dockerfile = container_dockerfile(sc, names)
+    tag = f"stackbuild-smoke:{image_key(sc, build, dockerfile, base_id)}"
+    if _image_id(client, tag) is not None:
         return tag
-    say(f"building serving image {tag}")
+    log = settings.cache_dir / "smoke" / "images" / f"{tag.split(':')[1]}.build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    say(f"building serving image {tag} from {c.image} (log: {log})")
+    index = c.index_url or pip_setting("index-url")
     with tempfile.TemporaryDirectory(prefix="stackbuild-smoke-ctx-") as ctx:
         ctx_path = Path(ctx)
         shutil.copy2(tinymodel.__file__, ctx_path / "tinymodel.py")
-        names = []
-        if build:
-            (ctx_path / "wheels").mkdir()
-            for wheel in build.wheels:
-                shutil.copy2(wheel.file, ctx_path / "wheels" / wheel.file.name)
-                names.append(wheel.file.name)
-        (ctx_path / "Dockerfile").write_text(container_dockerfile(sc, names))
-        try:
-            client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
-        except Exception as exc:
-            raise SmokeError(f"building the serving image failed: {exc}", where=str(sc.container.image),  # type: ignore[union-attr]
-                             hint="the base image needs python3 with venv; pip settings go in [smoke] pip_args") from None
+        if c.ca_bundle is not None:
+            shutil.copy2(c.ca_bundle, ctx_path / "ca.pem")
+        for folder, files in (("wheels", [w.file for w in build.wheels] if build else []),
+                              ("wheelhouse", [p for p in c.wheelhouse.iterdir() if p.is_file()] if c.wheelhouse else [])):
+            (ctx_path / folder).mkdir()
+            for path in files:
+                shutil.copy2(path, ctx_path / folder / path.name)
+        (ctx_path / "Dockerfile").write_text(dockerfile)
+        error = _build_image(client, ctx, tag, {"PIP_INDEX_URL": index} if index else {}, log)
+    if error:
+        raise SmokeError(f"building the serving image failed: {error}", where=str(log),
+                         hint="see the build log; the base image needs python3 with venv, pip settings go in [smoke] pip_args")
     return tag
 
 
-def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) -> Server:
-    client = _docker()
+def _build_image(client: Any, ctx: str, tag: str, buildargs: Mapping[str, str], log: Path) -> str | None:
+    """Streams the engine's build output into the log; the last error line, or None."""
+    error = None
+    with log.open("w", encoding="utf-8") as out:
+        try:
+            for chunk in client.api.build(path=ctx, tag=tag, rm=True, forcerm=True, decode=True,
+                                          buildargs=dict(buildargs)):
+                if "stream" in chunk:
+                    out.write(chunk["stream"])
+                    out.flush()
+                if "error" in chunk:
+                    error = str(chunk["error"]).strip()
+                    out.write(f"ERROR: {error}\n")
+        except Exception as exc:  # the SDK's transport errors share no base class with its API errors
+            error = _short(exc)
+    return error
+
+
+def _remove_container(client: Any, name: str) -> None:
+    """Gone, whatever state it is in; a container that does not exist is already gone."""
+    import docker.errors
+
     try:
-        container = client.containers.run(**spec)
+        client.containers.get(name).remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def run_in_image(image: str, command: Sequence[str], volumes: Mapping[str, Mapping[str, str]], what: str) -> None:
+    """A one-off container (e.g. generating the tiny model), removed on every path."""
+    client = _docker()
+    name = f"stackbuild-smoke-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        container = client.containers.run(image, list(command), name=name, detach=True, volumes=dict(volumes),
+                                          user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp", "PYTHONHASHSEED": "0"},
+                                          labels={"stackbuild.smoke": what})
+        code = int(container.wait().get("StatusCode", 1))
+        if code != 0:
+            tail = container.logs(tail=5).decode("utf-8", "replace").strip().splitlines()[-1:]
+            raise SmokeError(f"{what} in the serving image failed (exit {code}): {' '.join(tail)}", where=image)
+    except SmokeError:
+        raise
     except Exception as exc:
-        raise SmokeError(f"cannot start the serving container: {exc}", where="[smoke.container]",
-                         hint="check devices, groups and the image") from None
+        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from None
+    finally:
+        with _uninterruptible():
+            _remove_container(client, name)
+
+
+def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) -> Server:
+    """Runs the server container; it and everything in it are removed when the run ends, also when
+    a Ctrl-C lands between the engine's create and start (the name finds it then)."""
+    client = _docker()
+    name = f"stackbuild-smoke-{sc.stack}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        container = client.containers.run(**spec, name=name)
+    except BaseException as exc:
+        with _uninterruptible():
+            _remove_container(client, name)
+        if isinstance(exc, Exception):
+            raise SmokeError(f"cannot start the serving container: {_short(exc)}", where="[smoke.container]",
+                             hint="check devices, groups, the port and the image") from None
+        raise
 
     def pump() -> None:
-        if log is None:
-            return
-        with log.open("ab") as out:
+        try:
+            out = log.open("ab") if log is not None else sys.stdout.buffer
             for chunk in container.logs(stream=True, follow=True):
                 out.write(chunk)
                 out.flush()
+        except Exception:  # the container was removed under the stream: the run is over
+            return
 
     threading.Thread(target=pump, daemon=True).start()
+    stopped = threading.Event()
 
     def exit_code() -> int | None:
-        container.reload()
+        import docker.errors
+
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return -1
         return None if container.status in ("created", "running", "restarting") else int(container.attrs["State"]["ExitCode"])
 
     def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
         with _uninterruptible():
             try:
                 container.stop(timeout=15)
-            finally:
-                container.remove(force=True)
+            except Exception:  # already gone or the engine refused: removal below forces it
+                pass
+            _remove_container(client, name)
 
     return Server(None, log, exit_code, stop)
 
@@ -1383,15 +1519,11 @@ def _ensure_tiny(settings: Settings, sc: SmokeConfig, python: str, image: str | 
     target = tinymodel.model_dir(settings.cache_dir)
     if (target / "config.json").is_file():
         return target
-    client = _docker()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
-        try:
-            client.containers.run(image, [CONTAINER_PYTHON, "/opt/stackbuild/tinymodel.py", "/out"],
-                                  volumes={staging: {"bind": "/out", "mode": "rw"}}, remove=True,
-                                  user=f"{os.getuid()}:{os.getgid()}")
-        except Exception as exc:
-            raise SmokeError(f"generating {tinymodel.TINY} in the serving image failed: {exc}", where=image) from None
+        run_in_image(image, [CONTAINER_PYTHON, f"{CONTAINER_ROOT}/tinymodel.py", "/out"],
+                     {staging: {"bind": "/out", "mode": "rw"}}, f"generating {tinymodel.TINY}")
+        os.chmod(staging, 0o755)
         Path(staging).rename(target)
     return target
 
@@ -1400,7 +1532,13 @@ def render(prep: Prepared, host: str, port: int, run_dir: Path) -> tuple[list[st
     values = {"python": prep.python, "model": prep.model_path, "host": host, "port": str(port),
               "max_model_len": str(prep.profile.max_model_len), "served_model_name": prep.sc.served_model_name,
               "run_dir": str(run_dir)}
-    argv = [a.format_map(values) for a in (*prep.profile.command, *SERVER_ARGS, *prep.profile.args)]
+    # Behind a published port the server must listen on the container's own interface; the
+    # address the host sees ({host}, where the port is published) stays what VLLM_HOST_IP etc. get.
+    bridged = prep.image is not None and prep.sc.container is not None and prep.sc.container.bridged
+    bind = {**values, "host": "0.0.0.0"} if bridged else values
+    argv = ([a.format_map(values) for a in prep.profile.command]
+            + [a.format_map(bind) for a in SERVER_ARGS]
+            + [a.format_map(values) for a in prep.profile.args])
     env = {k: v.format_map(values) for k, v in prep.profile.env.items()}
     return argv, env
 
