@@ -52,7 +52,7 @@ def config(tmp_path: Path, text: str = STACK) -> smoke.SmokeConfig:
 
 
 class FakeContainer:
-    def __init__(self, engine: "FakeEngine", name: str, fail_start: BaseException | None = None):
+    def __init__(self, engine: "FakeEngine", name: str):
         self.engine, self.name, self.status = engine, name, "running"
         self.attrs = {"State": {"ExitCode": 0}}
 
@@ -102,9 +102,6 @@ class FakeEngine:
         if name in self.images_present:
             return type("Image", (), {"id": self.images_present[name]})()
         raise docker.errors.ImageNotFound("no") if ":" in name else docker.errors.NotFound("no")
-
-    def list(self, all=False, filters=None):
-        return list(self.containers_by_name.values())
 
     # low-level build
     def build(self, path, tag, buildargs, **kw):
