@@ -10,7 +10,7 @@ import docker.errors
 import pytest
 
 from builder import smoke
-from builder.errors import SmokeError
+from builder.errors import ConfigError, SmokeError
 from smoketools import hermetic_env, load, settings_for
 
 STACK = """
@@ -204,3 +204,12 @@ def test_missing_base_image_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(smoke, "_docker", lambda: engine)
     with pytest.raises(SmokeError, match="the base image stackbuild/base:bookworm is not on the Docker Engine"):
         smoke.prepare_image(settings_for(tmp_path), sc, None)
+
+
+def test_debian_packages_are_added_only_when_missing_and_names_are_checked(tmp_path):
+    sc = config(tmp_path, STACK.replace('network_mode = "bridge"', 'network_mode = "bridge"\npackages = ["libnuma1"]'))
+    line = smoke.container_dockerfile(sc, []).splitlines()[2]
+    assert line.startswith("RUN dpkg -s libnuma1 >/dev/null 2>&1 || (apt-get update && apt-get install -y")
+    with pytest.raises(ConfigError, match="'libnuma1; rm -rf /' is not a Debian package name") as info:
+        config(tmp_path, STACK.replace('network_mode = "bridge"', 'network_mode = "bridge"\npackages = ["libnuma1; rm -rf /"]'))
+    assert "smoke.container.packages" in str(info.value.where)
