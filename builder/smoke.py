@@ -80,9 +80,10 @@ PROFILE_KEYS = {"description", "command", "args", "env", "max_model_len", "ready
                 "bench", "gates"}
 CANARY_KEYS = {"name", "prompt", "chat", "stream", "max_tokens", "ignore_eos", "expect", "expect_regex",
                "expect_sha256", "expect_tokens"}
-BENCH_KEYS = {"requests", "concurrency", "prompt_tokens", "max_tokens", "prompt"}
+BENCH_KEYS = {"requests", "concurrency", "prompt_tokens", "max_tokens", "prompt", "rounds"}
 CONTAINER_KEYS = {"image", "devices", "group_add", "shm_size", "ipc_mode", "network_mode", "volumes",
-                  "privileged", "cap_add"}
+                  "privileged", "cap_add", "packages"}
+DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +111,9 @@ class Bench:
     prompt_tokens: int = 64
     max_tokens: int = 64
     prompt: str = "The quick brown fox jumps over the lazy dog. "
+    # One round of a few requests swings by half between identical runs on a shared machine: the
+    # figures are the median of several rounds, and their spread says how far to trust them.
+    rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,17 @@ class ContainerSpec:
     volumes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     privileged: bool = False
     cap_add: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()   # Debian packages the serving image adds (vLLM's CPU ops need libnuma1)
+    # Host inputs shared with the build ([build] wheelhouse / ca_bundle, STACKBUILD_* overrides):
+    # the host's pip configuration is invisible inside a container, so these go in as files.
+    wheelhouse: Path | None = None
+    ca_bundle: Path | None = None
+    index_url: str | None = None
+
+    @property
+    def bridged(self) -> bool:
+        """The server runs behind a published port instead of on the host's network."""
+        return self.network_mode != "host"
 
 
 @dataclass(frozen=True)
@@ -296,6 +311,7 @@ def _parse_bench(k: _Keys, key: str, raw: Mapping) -> Bench:
         prompt_tokens=_get_num(k, f"{key}.prompt_tokens", raw.get("prompt_tokens", base.prompt_tokens), 1, 1 << 22, integer=True),
         max_tokens=_get_num(k, f"{key}.max_tokens", raw.get("max_tokens", base.max_tokens), 1, 1 << 22, integer=True),
         prompt=_get_str(k, f"{key}.prompt", raw.get("prompt", base.prompt)),
+        rounds=_get_num(k, f"{key}.rounds", raw.get("rounds", base.rounds), 1, 1000, integer=True),
     )
 
 
@@ -318,10 +334,16 @@ def _parse_gates(k: _Keys, key: str, raw: Mapping) -> tuple[Gate, ...]:
 
 
 def _parse_container(k: _Keys, raw: Any) -> ContainerSpec:
+    from .build import stack_recipe
+
     raw = _get_table(k, "container", raw)
     _unknown(k, "container", raw, CONTAINER_KEYS)
     shm = raw.get("shm_size")
+    recipe = stack_recipe(k.cfg, k.resolved)
     return ContainerSpec(
+        wheelhouse=recipe.wheelhouse,
+        ca_bundle=recipe.ca_bundle,
+        index_url=recipe.index_url,
         image=_get_str(k, "container.image", raw.get("image")),
         devices=_get_list(k, "container.devices", raw.get("devices", [])),
         group_add=tuple(str(g) for g in _get_list_or_ints(k, "container.group_add", raw.get("group_add", []))),
@@ -331,7 +353,17 @@ def _parse_container(k: _Keys, raw: Any) -> ContainerSpec:
         volumes=_get_str_table(k, "container.volumes", raw.get("volumes", {})),
         privileged=_get_bool(k, "container.privileged", raw.get("privileged", False)),
         cap_add=_get_list(k, "container.cap_add", raw.get("cap_add", [])),
+        packages=_get_packages(k, raw.get("packages", [])),
     )
+
+
+def _get_packages(k: _Keys, value: Any) -> tuple[str, ...]:
+    packages = _get_list(k, "container.packages", value)
+    for name in packages:
+        if not DEBIAN_PACKAGE.fullmatch(name):
+            raise k.error("container.packages", f"'{name}' is not a Debian package name",
+                          hint="lowercase letters, digits and + . - only, e.g. libnuma1")
+    return packages
 
 
 def _get_list_or_ints(k: _Keys, key: str, value: Any) -> tuple:
@@ -720,19 +752,42 @@ def check_port_free(host: str, port: int) -> None:
 # Containers (Docker SDK)
 
 
+CONTAINER_ROOT = "/opt/stackbuild"
+CONTAINER_CA = f"{CONTAINER_ROOT}/certs/ca.pem"
+
+
 def container_dockerfile(sc: SmokeConfig, wheel_files: Sequence[str]) -> str:
-    """A serving image: the base image plus a venv holding the wheels and requirements."""
-    assert sc.container is not None
+    """A serving image: the base image plus a venv holding the wheels and requirements.
+
+    The stack's wheels and the wheelhouse are copied in and found by --find-links; the rest comes
+    from the index the PIP_INDEX_URL build argument names (the host's, handed over at build time,
+    so no index is ever written here) or pip's default.
+    """
+    c = sc.container
+    assert c is not None
     venv = str(Path(CONTAINER_PYTHON).parent.parent)
-    installs = [f"/opt/stackbuild/wheels/{name}" for name in wheel_files] + list(sc.requirements)
-    lines = [f"FROM {sc.container.image}",
-             "COPY tinymodel.py /opt/stackbuild/tinymodel.py"]
+    installs = [f"{CONTAINER_ROOT}/wheels/{name}" for name in wheel_files] + list(sc.requirements)
+    lines = [f"FROM {c.image}", "ARG PIP_INDEX_URL"]
+    if c.packages:
+        # Skipped when the base already has them: the apt mirror may be out of reach.
+        names = " ".join(c.packages)
+        lines.append(f"RUN dpkg -s {names} >/dev/null 2>&1 || (apt-get update && apt-get install -y "
+                     f"--no-install-recommends {names} && rm -rf /var/lib/apt/lists/*)")
+    if c.ca_bundle is not None:
+        lines += [f"COPY ca.pem {CONTAINER_CA}",
+                  f"ENV PIP_CERT={CONTAINER_CA} SSL_CERT_FILE={CONTAINER_CA} REQUESTS_CA_BUNDLE={CONTAINER_CA}"]
+    # Slow-changing inputs first, so the engine's layer cache keeps them when only the wheel changes.
+    find_links = []
+    if c.wheelhouse is not None:
+        lines.append(f"COPY wheelhouse/ {CONTAINER_ROOT}/wheelhouse/")
+        find_links = ["--find-links", f"{CONTAINER_ROOT}/wheelhouse"]
+    lines += [f"RUN python3 -m venv {venv}", f"ENV VIRTUAL_ENV={venv} PATH={venv}/bin:$PATH",
+              f"COPY tinymodel.py {CONTAINER_ROOT}/tinymodel.py"]
     if wheel_files:
-        lines.append("COPY wheels/ /opt/stackbuild/wheels/")
-    lines.append(f"RUN python3 -m venv {venv}")
+        lines.append(f"COPY wheels/ {CONTAINER_ROOT}/wheels/")
     if installs:
-        lines.append(f"RUN {venv}/bin/pip install --disable-pip-version-check "
-                     + " ".join(_shell_quote(a) for a in (*sc.pip_args, *installs)))
+        lines.append(f"RUN {venv}/bin/pip install --disable-pip-version-check --no-cache-dir "
+                     + " ".join(_shell_quote(a) for a in (*find_links, *sc.pip_args, *installs)))
     if sc.uninstall:
         lines.append(f"RUN {venv}/bin/pip uninstall -y " + " ".join(_shell_quote(a) for a in sc.uninstall))
     return "\n".join(lines) + "\n"
@@ -777,7 +832,8 @@ def container_run_spec(sc: SmokeConfig, image: str, argv: Sequence[str], env: Ma
         "network_mode": c.network_mode,
         "privileged": c.privileged,
     }
-    if c.network_mode != "host":
+    if c.bridged:
+        # Published on the asked-for host address only (127.0.0.1 by default), never on all of them.
         spec["ports"] = {f"{port}/tcp": (host, port)}
     if c.shm_size:
         spec["shm_size"] = c.shm_size
@@ -802,59 +858,161 @@ def _docker():
     return client
 
 
+def image_key(sc: SmokeConfig, build: BuildOutput | None, dockerfile: str, base_id: str) -> str:
+    """Names the serving image by what decides its content: the Dockerfile (base, requirements, pip
+    arguments), the base image's id, the wheels' sha256 and the wheelhouse's files."""
+    c = sc.container
+    assert c is not None
+    wheelhouse = (sorted([p.name, p.stat().st_size] for p in c.wheelhouse.iterdir() if p.is_file())
+                  if c.wheelhouse is not None else [])
+    payload = {"dockerfile": dockerfile, "base_id": base_id, "tinymodel": sha256_file(Path(tinymodel.__file__)),
+               "wheels": sorted(w.sha256 for w in build.wheels) if build else [], "wheelhouse": wheelhouse}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _image_id(client: Any, name: str) -> str | None:
+    import docker.errors
+
+    try:
+        return client.images.get(name).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
 def prepare_image(settings: Settings, sc: SmokeConfig, build: BuildOutput | None,
                   say: Callable[[str], None] = lambda _m: None) -> str:
+    """The cached serving image `stackbuild-smoke:<key>`; built once per content key."""
+    from .archives import pip_setting
+
+    c = sc.container
+    assert c is not None
     client = _docker()
-    tag = f"stackbuild-smoke:{env_key(sc, build, sc.container.image)}"  # type: ignore[union-attr]
-    if client.images.list(name=tag):
+    base_id = _image_id(client, c.image)
+    if base_id is None:
+        raise SmokeError(f"the base image {c.image} is not on the Docker Engine", where="[smoke.container] image",
+                         hint="build or load it first (`stackbuild doctor` names the base image steps)")
+    names = [w.file.name for w in build.wheels] if build else []
+    dockerfile = container_dockerfile(sc, names)
+    tag = f"stackbuild-smoke:{image_key(sc, build, dockerfile, base_id)}"
+    if _image_id(client, tag) is not None:
         return tag
-    say(f"building serving image {tag}")
+    log = settings.cache_dir / "smoke" / "images" / f"{tag.split(':')[1]}.build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    say(f"building serving image {tag} from {c.image} (log: {log})")
+    index = c.index_url or pip_setting("index-url")
     with tempfile.TemporaryDirectory(prefix="stackbuild-smoke-ctx-") as ctx:
         ctx_path = Path(ctx)
         shutil.copy2(tinymodel.__file__, ctx_path / "tinymodel.py")
-        names = []
-        if build:
-            (ctx_path / "wheels").mkdir()
-            for wheel in build.wheels:
-                shutil.copy2(wheel.file, ctx_path / "wheels" / wheel.file.name)
-                names.append(wheel.file.name)
-        (ctx_path / "Dockerfile").write_text(container_dockerfile(sc, names))
-        try:
-            client.images.build(path=ctx, tag=tag, rm=True, forcerm=True)
-        except Exception as exc:
-            raise SmokeError(f"building the serving image failed: {exc}", where=str(sc.container.image),  # type: ignore[union-attr]
-                             hint="the base image needs python3 with venv; pip settings go in [smoke] pip_args") from None
+        if c.ca_bundle is not None:
+            shutil.copy2(c.ca_bundle, ctx_path / "ca.pem")
+        for folder, files in (("wheels", [w.file for w in build.wheels] if build else []),
+                              ("wheelhouse", [p for p in c.wheelhouse.iterdir() if p.is_file()] if c.wheelhouse else [])):
+            (ctx_path / folder).mkdir()
+            for path in files:
+                shutil.copy2(path, ctx_path / folder / path.name)
+        (ctx_path / "Dockerfile").write_text(dockerfile)
+        error = _build_image(client, ctx, tag, {"PIP_INDEX_URL": index} if index else {}, log)
+    if error:
+        raise SmokeError(f"building the serving image failed: {error}", where=str(log),
+                         hint="see the build log; the base image needs python3 with venv, pip settings go in [smoke] pip_args")
     return tag
 
 
-def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) -> Server:
-    client = _docker()
+def _build_image(client: Any, ctx: str, tag: str, buildargs: Mapping[str, str], log: Path) -> str | None:
+    """Streams the engine's build output into the log; the last error line, or None."""
+    error = None
+    with log.open("w", encoding="utf-8") as out:
+        try:
+            for chunk in client.api.build(path=ctx, tag=tag, rm=True, forcerm=True, decode=True,
+                                          buildargs=dict(buildargs)):
+                if "stream" in chunk:
+                    out.write(chunk["stream"])
+                    out.flush()
+                if "error" in chunk:
+                    error = str(chunk["error"]).strip()
+                    out.write(f"ERROR: {error}\n")
+        except Exception as exc:  # the SDK's transport errors share no base class with its API errors
+            error = _short(exc)
+    return error
+
+
+def _remove_container(client: Any, name: str) -> None:
+    """Gone, whatever state it is in; a container that does not exist is already gone."""
+    import docker.errors
+
     try:
-        container = client.containers.run(**spec)
+        client.containers.get(name).remove(force=True)
+    except docker.errors.NotFound:
+        pass
+
+
+def run_in_image(image: str, command: Sequence[str], volumes: Mapping[str, Mapping[str, str]], what: str) -> None:
+    """A one-off container (e.g. generating the tiny model), removed on every path."""
+    client = _docker()
+    name = f"stackbuild-smoke-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        container = client.containers.run(image, list(command), name=name, detach=True, volumes=dict(volumes),
+                                          user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp", "PYTHONHASHSEED": "0"},
+                                          labels={"stackbuild.smoke": what})
+        code = int(container.wait().get("StatusCode", 1))
+        if code != 0:
+            tail = container.logs(tail=5).decode("utf-8", "replace").strip().splitlines()[-1:]
+            raise SmokeError(f"{what} in the serving image failed (exit {code}): {' '.join(tail)}", where=image)
+    except SmokeError:
+        raise
     except Exception as exc:
-        raise SmokeError(f"cannot start the serving container: {exc}", where="[smoke.container]",
-                         hint="check devices, groups and the image") from None
+        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from None
+    finally:
+        with _uninterruptible():
+            _remove_container(client, name)
+
+
+def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) -> Server:
+    """Runs the server container; it and everything in it are removed when the run ends, also when
+    a Ctrl-C lands between the engine's create and start (the name finds it then)."""
+    client = _docker()
+    name = f"stackbuild-smoke-{sc.stack}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        container = client.containers.run(**spec, name=name)
+    except BaseException as exc:
+        with _uninterruptible():
+            _remove_container(client, name)
+        if isinstance(exc, Exception):
+            raise SmokeError(f"cannot start the serving container: {_short(exc)}", where="[smoke.container]",
+                             hint="check devices, groups, the port and the image") from None
+        raise
 
     def pump() -> None:
-        if log is None:
-            return
-        with log.open("ab") as out:
+        try:
+            out = log.open("ab") if log is not None else sys.stdout.buffer
             for chunk in container.logs(stream=True, follow=True):
                 out.write(chunk)
                 out.flush()
+        except Exception:  # the container was removed under the stream: the run is over
+            return
 
     threading.Thread(target=pump, daemon=True).start()
+    stopped = threading.Event()
 
     def exit_code() -> int | None:
-        container.reload()
+        import docker.errors
+
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return -1
         return None if container.status in ("created", "running", "restarting") else int(container.attrs["State"]["ExitCode"])
 
     def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
         with _uninterruptible():
             try:
                 container.stop(timeout=15)
-            finally:
-                container.remove(force=True)
+            except Exception:  # already gone or the engine refused: removal below forces it
+                pass
+            _remove_container(client, name)
 
     return Server(None, log, exit_code, stop)
 
@@ -1279,34 +1437,76 @@ def compute_metrics(done: Sequence[Completion], duration: float) -> dict[str, fl
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
-def evaluate_gates(gates: Sequence[Gate], metrics: Mapping[str, float]) -> list[CheckResult]:
+def summarize_rounds(rounds: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The median of each metric over the bench rounds, and its spread: lowest, highest, and the
+    range as a percentage of the median. Only metrics every round measured count."""
+    if not rounds:
+        return {}, {}
+    names = [n for n in rounds[0] if all(n in r for r in rounds[1:])]
+    metrics, spread = {}, {}
+    for name in names:
+        values = [r[name] for r in rounds]
+        median = statistics.median(values)
+        metrics[name] = round(median, 4)
+        spread[name] = {"min": round(min(values), 4), "max": round(max(values), 4),
+                        "pct": round((max(values) - min(values)) / abs(median) * 100, 2) if median else 0.0}
+    return metrics, spread
+
+
+def describe_spread(name: str, spread: Mapping[str, Mapping[str, float]]) -> str:
+    """`(range 480-560 over 3 rounds, 16%)`, or nothing for a single round."""
+    s = spread.get(name)
+    if not s or s["min"] == s["max"]:
+        return ""
+    return f" (rounds {s['min']:g}–{s['max']:g}, spread {s['pct']:g}%)"
+
+
+def evaluate_gates(gates: Sequence[Gate], metrics: Mapping[str, float],
+                   spread: Mapping[str, Mapping[str, float]] | None = None) -> list[CheckResult]:
+    """Judges the median over the rounds; the spread is printed beside it, never judged."""
     out = []
+    spread = spread or {}
     for gate in gates:
         value = metrics.get(gate.metric)
         bounds = " and ".join(b for b in (f">= {gate.min:g}" if gate.min is not None else "",
                                           f"<= {gate.max:g}" if gate.max is not None else "") if b)
         ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
-        out.append(CheckResult(f"gate:{gate.metric}", ok, f"{gate.metric} = {value} (gate {bounds})",
-                               {"value": value, "min": gate.min, "max": gate.max}))
+        out.append(CheckResult(f"gate:{gate.metric}", ok,
+                               f"median {gate.metric} = {value}{describe_spread(gate.metric, spread)} (gate {bounds})",
+                               {"value": value, "min": gate.min, "max": gate.max, "spread": spread.get(gate.metric)}))
     return out
 
 
 def compare_baseline(baseline: Mapping[str, Any], metrics: Mapping[str, float], checks: Sequence[CheckResult],
-                     names: Sequence[str], tolerance: float, source: str) -> list[CheckResult]:
-    """Fails on a regression beyond the tolerance and on any canary whose output hash changed."""
+                     names: Sequence[str], tolerance: float, source: str,
+                     spread: Mapping[str, Mapping[str, float]] | None = None) -> list[CheckResult]:
+    """Fails on a regression beyond the tolerance and on any canary whose output hash changed.
+
+    A difference no larger than the noise — the wider of the two runs' round-to-round ranges — is
+    "within noise" and passes whatever the tolerance: the figures cannot tell it from chance.
+    """
     out = []
+    spread = spread or {}
     base_metrics = baseline.get("metrics") or {}
+    base_spread = baseline.get("spread") or {}
     for name in names:
         old, new = base_metrics.get(name), metrics.get(name)
         if old is None or new is None:
+            continue
+        noise = max((s["max"] - s["min"] for s in (spread.get(name), base_spread.get(name)) if s), default=0.0)
+        change = (new - old) / old * 100 if old else 0.0
+        figures = {"value": new, "baseline": old, "change_pct": round(change, 2), "noise": round(noise, 4)}
+        if noise and abs(new - old) <= noise:
+            out.append(CheckResult(f"baseline:{name}", True, f"median {new:g} vs {old:g} ({change:+.1f}%): within noise "
+                                   f"(rounds differ by up to {noise:g})", figures))
             continue
         if name in HIGHER_IS_BETTER:
             ok = new >= old * (1 - tolerance)
         else:
             ok = new <= old * (1 + tolerance)
-        change = (new - old) / old * 100 if old else 0.0
-        out.append(CheckResult(f"baseline:{name}", ok, f"{new:g} vs {old:g} ({change:+.1f}%, tolerance {tolerance:.0%})",
-                               {"value": new, "baseline": old, "change_pct": round(change, 2)}))
+        beyond = f", beyond the noise of {noise:g}" if noise else ""
+        out.append(CheckResult(f"baseline:{name}", ok,
+                               f"median {new:g} vs {old:g} ({change:+.1f}%, tolerance {tolerance:.0%}{beyond})", figures))
     old_checks = {c.get("name"): c for c in baseline.get("checks") or [] if isinstance(c, dict)}
     for check in checks:
         if not check.name.startswith("canary:") or "sha256" not in check.figures:
@@ -1383,15 +1583,11 @@ def _ensure_tiny(settings: Settings, sc: SmokeConfig, python: str, image: str | 
     target = tinymodel.model_dir(settings.cache_dir)
     if (target / "config.json").is_file():
         return target
-    client = _docker()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
-        try:
-            client.containers.run(image, [CONTAINER_PYTHON, "/opt/stackbuild/tinymodel.py", "/out"],
-                                  volumes={staging: {"bind": "/out", "mode": "rw"}}, remove=True,
-                                  user=f"{os.getuid()}:{os.getgid()}")
-        except Exception as exc:
-            raise SmokeError(f"generating {tinymodel.TINY} in the serving image failed: {exc}", where=image) from None
+        run_in_image(image, [CONTAINER_PYTHON, f"{CONTAINER_ROOT}/tinymodel.py", "/out"],
+                     {staging: {"bind": "/out", "mode": "rw"}}, f"generating {tinymodel.TINY}")
+        os.chmod(staging, 0o755)
         Path(staging).rename(target)
     return target
 
@@ -1400,7 +1596,13 @@ def render(prep: Prepared, host: str, port: int, run_dir: Path) -> tuple[list[st
     values = {"python": prep.python, "model": prep.model_path, "host": host, "port": str(port),
               "max_model_len": str(prep.profile.max_model_len), "served_model_name": prep.sc.served_model_name,
               "run_dir": str(run_dir)}
-    argv = [a.format_map(values) for a in (*prep.profile.command, *SERVER_ARGS, *prep.profile.args)]
+    # Behind a published port the server must listen on the container's own interface; the
+    # address the host sees ({host}, where the port is published) stays what VLLM_HOST_IP etc. get.
+    bridged = prep.image is not None and prep.sc.container is not None and prep.sc.container.bridged
+    bind = {**values, "host": "0.0.0.0"} if bridged else values
+    argv = ([a.format_map(values) for a in prep.profile.command]
+            + [a.format_map(bind) for a in SERVER_ARGS]
+            + [a.format_map(values) for a in prep.profile.args])
     env = {k: v.format_map(values) for k, v in prep.profile.env.items()}
     return argv, env
 
@@ -1459,6 +1661,8 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
         log = result_path.with_suffix(".server.log")
         checks: list[CheckResult] = []
         metrics: dict[str, float] = {}
+        spread: dict[str, dict[str, float]] = {}
+        per_round: list[dict[str, float]] = []
         timings: dict[str, float] = {}
         argv: list[str] = []
         failure: ServerFailed | None = None
@@ -1472,7 +1676,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                 timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
                 say(f"ready after {timings['ready_s']:.1f} s; checking")
                 t_ready = time.perf_counter()
-                metrics = _checks_and_metrics(client, prep, server, checks)[1]
+                _c, metrics, spread, per_round = _checks_and_metrics(client, prep, server, checks)
                 timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
                 busy = client.busy(since=t_ready)
                 timings["requests_s"] = round(busy, 3)
@@ -1484,8 +1688,9 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
             finally:
                 if server is not None:
                     server.stop()
-        gates = evaluate_gates(prof.gates, metrics) if failure is None else []
-        compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path))
+        gates = evaluate_gates(prof.gates, metrics, spread) if failure is None else []
+        compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path),
+                                     spread)
                     if baseline_data is not None and failure is None else [])
         all_checks = checks + gates + compared
         verdict = "pass" if all(c.ok for c in all_checks) and failure is None else "fail"
@@ -1507,6 +1712,8 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
             "server": {"command": argv, "host": host, "port": chosen, "log": str(log)},
             "checks": [c.to_json() for c in all_checks],
             "metrics": metrics,
+            "spread": spread,
+            "rounds": per_round,
             "timings": timings,
             "baseline": str(baseline_path) if baseline_path else None,
         }
@@ -1533,8 +1740,8 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _checks_and_metrics(client: Client, prep: Prepared, server: Server,
-                        checks: list[CheckResult] | None = None) -> tuple[list[CheckResult], dict[str, float]]:
+def _checks_and_metrics(client: Client, prep: Prepared, server: Server, checks: list[CheckResult] | None = None
+                        ) -> tuple[list[CheckResult], dict[str, float], dict[str, dict[str, float]], list[dict[str, float]]]:
     """Runs every check and the bench, in a fixed order, appending to `checks` so a run that fails
     half-way still records what it saw; fails if the server died meanwhile."""
     sc, prof = prep.sc, prep.profile
@@ -1549,37 +1756,49 @@ def _checks_and_metrics(client: Client, prep: Prepared, server: Server,
         checks.append(check_determinism(client, sc.canaries[0]))
     if prof.concurrency:
         checks.append(check_concurrency(client, prof.concurrency, min(16, prof.bench.max_tokens)))
-    bench, duration = run_bench(client, prof.bench)
-    metrics = compute_metrics(bench, duration)
-    errors = [c.error for c in bench if not c.ok]
-    checks.append(CheckResult("bench", not errors and metrics.get("completed") == prof.bench.requests,
-                              f"{int(metrics.get('completed', 0))}/{prof.bench.requests} requests completed"
+    b = prof.bench
+    rounds = [run_bench(client, b) for _ in range(b.rounds)]
+    per_round = [compute_metrics(done, duration) for done, duration in rounds]
+    metrics, spread = summarize_rounds(per_round)
+    errors = [c.error for done, _d in rounds for c in done if not c.ok]
+    completed = sum(int(m.get("completed", 0)) for m in per_round)
+    checks.append(CheckResult("bench", not errors and completed == b.requests * b.rounds,
+                              f"{completed}/{b.requests * b.rounds} requests completed in {b.rounds} round(s)"
                               + (f"; first error: {errors[0]}" if errors else ""),
-                              {"requests": prof.bench.requests, "concurrency": prof.bench.concurrency,
-                               "prompt_tokens": prof.bench.prompt_tokens, "max_tokens": prof.bench.max_tokens}))
+                              {"requests": b.requests, "concurrency": b.concurrency, "rounds": b.rounds,
+                               "prompt_tokens": b.prompt_tokens, "max_tokens": b.max_tokens}))
     code = server.exit_code()
     if code is not None:
         raise ServerFailed(f"the server exited with code {code} during the checks", log=server.log)
-    return checks, metrics
+    return checks, metrics, spread, per_round
 
 
 def serve(settings: Settings, cfg: Config, stack: str, *, profile: str | None = None, host: str | None = None,
           port: int | None = None, say: Callable[[str], None] = lambda _m: None) -> int:
-    """The same server as `smoke`, in the foreground with its output on the terminal, until it exits or Ctrl-C."""
+    """The same server as `smoke`, in the foreground with its output on the terminal, until it exits
+    or Ctrl-C/SIGTERM, which is how a foreground server is meant to end: then 0, "stopped"."""
     sc = load_smoke_config(cfg, cfg.stack(stack))
     prof = sc.profile(profile)
     with sigterm_as_interrupt():
         prep = prepare(settings, sc, prof, say)
         host = host or sc.host
         chosen = _choose_port(sc, host, port)
+        url = f"http://{_url_host(host)}:{chosen}"
         server: Server | None = None
         with tempfile.TemporaryDirectory(prefix="stackbuild-serve-") as run_dir:
             try:
                 server, argv = start_server(prep, host, chosen, Path(run_dir), None)
-                say(f"serving {stack} ({prof.name}) on http://{_url_host(host)}:{chosen}: {' '.join(argv)}")
+                say(f"starting {stack} ({prof.name}): {' '.join(argv)}")
+                ready = wait_ready(server, Client(url, sc.served_model_name, sc.request_timeout), prof.ready_timeout)
+                say(f"ready at {url} after {ready:.1f} s (model '{sc.served_model_name}'); Ctrl-C stops it")
                 while (code := server.exit_code()) is None:
                     time.sleep(0.5)
                 return code
+            except KeyboardInterrupt:
+                if server is not None:
+                    server.stop()
+                say("stopped")
+                return 0
             finally:
                 if server is not None:
                     server.stop()
@@ -1590,5 +1809,5 @@ __all__ = [
     "Prepared", "Profile", "Server", "ServerFailed", "SmokeConfig", "SmokeFailed", "Wheel", "check_port_free",
     "compare_baseline", "compute_metrics", "container_dockerfile", "container_run_spec", "env_key",
     "evaluate_gates", "load_smoke_config", "percentile", "prepare", "prepare_stack", "prepare_venv", "process_tree", "read_build",
-    "render", "run_smoke", "serve", "start_process", "venv_path", "venv_ready", "wait_ready",
+    "render", "run_smoke", "serve", "start_process", "summarize_rounds", "venv_path", "venv_ready", "wait_ready",
 ]

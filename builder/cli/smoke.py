@@ -31,10 +31,14 @@ def _render_run(record: dict) -> None:
     console.print(simple_table(title, ("check", "ok", "detail"),
                                ((c["name"], "pass" if c["ok"] else "[red]FAIL[/red]", c["detail"]) for c in record["checks"])))
     metrics = record.get("metrics") or {}
+    spread = record.get("spread") or {}
     if len(metrics) > 1:
         names = [n for n in ("completed", "duration_s", *smoke_mod.METRICS) if n in metrics]
-        console.print(simple_table("metrics (vllm bench serve names)", ("metric", "value"),
-                                   ((n, _fmt(metrics[n])) for n in names)))
+        rounds = len(record.get("rounds") or []) or 1
+        console.print(simple_table(f"metrics (vllm bench serve names): median of {rounds} round(s)",
+                                   ("metric", "median", "min", "max", "spread %"),
+                                   ((n, _fmt(metrics[n]), *(_fmt((spread.get(n) or {}).get(k)) for k in ("min", "max", "pct")))
+                                    for n in names)))
     timings = record.get("timings") or {}
     if timings:
         console.print("timings: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
@@ -118,7 +122,7 @@ def results_cmd(ctx: Context, stack: str, plot: Path | None, last: int | None) -
         return out
 
     def render(data: dict) -> None:
-        cols = ("started", "profile", "verdict", "digest", *results_mod.COLUMNS)
+        cols = ("started", "profile", "verdict", "digest", "rounds", *results_mod.COLUMNS)
         console.print(simple_table(f"smoke runs of {stack}", [results_mod.LABELS.get(c, c) for c in cols],
                                       ([_fmt(row[c]) for c in cols] for row in data["runs"])))
         if data.get("plot"):
