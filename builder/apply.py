@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 from .config import Config, ResolvedStack, Source
 from .errors import ApplyError, LockError, PatchError, StackbuildError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
-from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, out
+from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, hint_for, out
 from .patches import FileDiff, Hunk, Patch, split_lf
 from .series import load_stack_patches, stack_patch_digests
 from .settings import Settings
@@ -1023,9 +1023,9 @@ def move_worktree(git_dir: Path, wt: Path, branch: str, current: str | None, new
                 # read-tree checks every path before writing one: nothing moved.
                 raise _MoveRefused(f"git read-tree refused: {err.strip().splitlines()[0]}", where=str(wt),
                                    hint="an untracked file in the worktree is in the way; move it and re-run")
+            cause = hint_for(proc.stderr, wt) or "fix what git names"
             raise ApplyError(f"git read-tree failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}",
-                             where=str(wt), hint="free disk space (or fix what git names), then re-run: "
-                                                 "the move is journaled and finishes by itself")
+                             where=str(wt), hint=f"{cause}; the move is journaled: a re-run finishes it by itself")
         _crash_point("read-tree")
         _wt_git(wt, ["update-ref", f"refs/heads/{branch}", new, current])
         action = "updated"

@@ -90,7 +90,7 @@ def git(args: Sequence[str], *, git_dir: Path | None = None, cwd: Path | None = 
     if check and proc.returncode != 0:
         detail = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
         raise error(f"git {operation(args)} failed: {detail[-1] if detail else f'exit {proc.returncode}'}",
-                    where=where or str(git_dir or cwd or "."), hint=_hint_for(proc.stderr or b"", cwd or git_dir) or hint)
+                    where=where or str(git_dir or cwd or "."), hint=hint_for(proc.stderr or b"", cwd or git_dir) or hint)
     return proc
 
 
@@ -107,7 +107,7 @@ _CAUSES = (
 DISK_FULL = _CAUSES[0][1]
 
 
-def _hint_for(stderr: bytes, place: Path | None) -> str | None:
+def hint_for(stderr: bytes, place: Path | None) -> str | None:
     found = next((hint for needles, hint in _CAUSES if any(n in stderr for n in needles)), None)
     if found is None and b"unable to write" in stderr and place is not None and _nearly_full(place):
         found = DISK_FULL  # a checkout's "unable to write file" does not say why; the file system can

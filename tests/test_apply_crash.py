@@ -240,7 +240,8 @@ def test_disk_full_during_an_update_then_rerun_after_freeing_space(project: Proj
         os.truncate(filler, filler.stat().st_size - (1 << 17))  # room for the journal, not the tree
         full = stackbuild(project, project.v2, work)
         assert full.returncode == 6, full.stdout.decode() + full.stderr.decode()
-        assert "disk space" in json.loads(full.stdout)["hint"]
+        hint = json.loads(full.stdout)["hint"]
+        assert "disk is full" in hint and "re-run finishes it" in hint, hint
         filler.unlink()
         assert_recovers(project, project.v2, work, project.head2)
     finally:
