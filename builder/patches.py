@@ -405,11 +405,18 @@ class _Parser:
         first, second = self.lines[self.i], self.lines[self.i + 1]
         self.header_crlf(start, first)
         unusual = bool(EPOCH_RE.search(first) or EPOCH_RE.search(second))
+        # find_name_common: a side without enough components for -pN names nothing, and the
+        # other side decides alone; with neither, the patch names no file.
         try:
             old = self.path(first[4:], start, verify=False)
         except PatchError:
-            old = ""  # find_name finds no first name under -pN: the second one decides alone
-        new = self.path(second[4:], start + 1, verify=False)
+            old = ""
+        try:
+            new = self.path(second[4:], start + 1, verify=False)
+        except PatchError:
+            if old == "":
+                raise
+            new = old
         if old == "":
             old = new
         if old is not None and new is not None and not (len(new) > len(old) and new.startswith(old)):
