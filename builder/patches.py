@@ -390,8 +390,9 @@ class _Parser:
                 found = self.git_diff()
                 if found is not None:
                     files.append(found)
-            elif raw.startswith(b"--- ") and self.i + 1 < n and self.lines[self.i + 1].startswith(b"+++ "):
-                files.append(self.traditional())
+            elif (raw.startswith(b"--- ") and self.i + 2 < n and self.lines[self.i + 1].startswith(b"+++ ")
+                  and self.lines[self.i + 2].startswith(b"@@ -")):
+                files.append(self.traditional())  # apply.c find_header: a ---/+++ pair counts before a hunk only
             elif raw.startswith(b"@@ -"):
                 raise self.error("hunk without a file header ('--- a/…' and '+++ b/…')", self.i + 1)
             else:
@@ -454,7 +455,7 @@ class _Parser:
                 break  # apply.c parse_git_diff_header reads whole lines only
             raw = self.lines[self.i].rstrip(b"\n")
             line_no = self.i + 1
-            if raw.startswith((b"diff --git ", b"@@ -")) or raw.startswith(b"--- "):
+            if raw.startswith((b"diff --git ", b"@@ -", b"--- ", b"+++ ")):
                 break
             if raw.startswith(b"old mode "):
                 info.pop("old_mode", None), info.pop("old_mode_raw", None)
@@ -499,7 +500,7 @@ class _Parser:
                 break
             self.i += 1
         old, new = header_old, header_new
-        if self.i == start and not (self.i < n and self.lines[self.i].startswith(b"--- ")):
+        if self.i == start and not (self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ "))):
             if names is not None and header_old == header_new:
                 # apply.c find_header skips a 'diff --git' line with no header after it, but what
                 # it read stays in its state: git decides the next section.
@@ -517,16 +518,22 @@ class _Parser:
         else:
             unusual |= header_old != header_new  # git_header_name finds no name: ---/+++ decide
         hunks: list[Hunk] = []
-        if self.i < n and self.lines[self.i].startswith(b"--- "):
+        if self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ ")):
             self.header_crlf(self.i + 1, self.lines[self.i])
-            if self.i + 1 >= n or not self.lines[self.i + 1].startswith(b"+++ "):
-                raise self.error("'---' line without a '+++' line", self.i + 1)
-            # gitdiff_verify_name: these names win over the 'diff --git' line; when they differ
-            # from it (or /dev/null disagrees with the file's creation or deletion) git decides.
-            minus = self.path(self.lines[self.i][4:], self.i + 1)
-            plus = self.path(self.lines[self.i + 1][4:], self.i + 2)
-            unusual |= minus != (None if info.get("created") else old) or plus != (None if info.get("deleted") else new)
-            self.i += 2
+            if not (self.lines[self.i].startswith(b"--- ") and self.i + 1 < n
+                    and self.lines[self.i + 1].startswith(b"+++ ")):
+                # git reads a lone ---/+++ line as one more header line: git decides.
+                unusual = True
+                self.i += 1
+                if self.i < n and self.lines[self.i].startswith(b"+++ "):
+                    self.i += 1
+            else:
+                # gitdiff_verify_name: these names win over the 'diff --git' line; when they differ
+                # from it (or /dev/null disagrees with the file's creation or deletion) git decides.
+                minus = self.path(self.lines[self.i][4:], self.i + 1)
+                plus = self.path(self.lines[self.i + 1][4:], self.i + 2)
+                unusual |= minus != (None if info.get("created") else old) or plus != (None if info.get("deleted") else new)
+                self.i += 2
             hunks = self.hunks()
         if {"old_mode", "new_mode"} <= info.keys() and (str(info["old_mode"]) == "120000") != (str(info["new_mode"]) == "120000"):
             unusual = True  # a mode line changing a file's type: git refuses it against the index
@@ -621,9 +628,9 @@ class _Parser:
                     raise self.corrupt(self.i + 1, f"hunk at line {line_no} ends early: {old_left} old and {new_left} "
                                                    "new lines missing; the patch is truncated or was edited by hand")
                 raw = self.lines[self.i]
-                if not raw.endswith(b"\n"):
-                    raise self.corrupt(self.i + 1, "the patch's last line has no newline: the file is truncated")
                 tag = raw[:1]
+                if not raw.endswith(b"\n") and tag != b"\\":
+                    raise self.corrupt(self.i + 1, "the patch's last line has no newline: the file is truncated")
                 if tag == b"\\":
                     if len(raw) < 12:
                         raise self.corrupt(self.i + 1, "a '\\ No newline at end of file' marker cut short")

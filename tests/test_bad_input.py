@@ -105,7 +105,7 @@ def test_corrupt_encoded_patches(tmp_path: Path, upstream: Upstream, pinned: str
     (b"diff --git a/.git/config b/.git/config\n--- a/.git/config\n+++ b/.git/config\n@@ -1 +1 @@\n-x\n+y\n", "invalid path"),
     (b"--- a/a.txt\n+++ b/a.txt\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n", "corrupt patch at line"),
     (b"--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n", "corrupt patch at line"),
-    (b"--- a/a.txt\n+++ b/a.txt\n@@ bad @@\n-x\n", "patch with only garbage at line 3"),
+    (b"--- a/a.txt\n+++ b/a.txt\n@@ bad @@\n-x\n", "contains no diff"),  # git: "No valid patches"
     (b"diff --git a/i.png b/i.png\nindex 1111111..2222222 100644\nBinary files a/i.png and b/i.png differ\n",
      "binary change without its content"),
 ])

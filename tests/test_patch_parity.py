@@ -290,3 +290,14 @@ def test_a_malformed_patch_does_not_break_other_stacks(upstream: Upstream, base:
 ])
 def test_fuzzer_found_shapes(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
     both(upstream, base, patch, tmp_path)
+
+
+@pytest.mark.parametrize("patch", [
+    b"diff --git a/n.txt b/n.txt\nnew file mode 100644\n--- /dev/null\n",
+    b"diff --git a/n.txt b/n.txt\nnew file mode 100644\n+++ b/n.txt\n@@ -0,0 +1 @@\n+x\n",
+    b"--- a/b.txt\n+++ /dev/null\n@@ -1,3 +0,0 @@\n-alpha\n-beta\n-gamma\n\\ No newline at end of file",
+    b"diff --git a/a.txt b/a.txt\nold mode 100644\nnew mode 100755\ndiff--git a/b.txt b/b.txt\n--- a/b.txt\n"
+    b"+++ b/b.txt\n",
+])
+def test_more_fuzzer_found_shapes(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    both(upstream, base, patch, tmp_path)
