@@ -520,13 +520,14 @@ class _Parser:
         hunks: list[Hunk] = []
         if self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ ")):
             self.header_crlf(self.i + 1, self.lines[self.i])
-            if not (self.lines[self.i].startswith(b"--- ") and self.i + 1 < n
-                    and self.lines[self.i + 1].startswith(b"+++ ")):
-                # git reads a lone ---/+++ line as one more header line: git decides.
+            run_end = self.i
+            while run_end < n and self.lines[run_end].startswith((b"--- ", b"+++ ")):
+                run_end += 1
+            if run_end - self.i != 2 or not self.lines[self.i].startswith(b"--- ") \
+                    or not self.lines[self.i + 1].startswith(b"+++ "):
+                # git reads ---/+++ lines in any number and order as header lines: git decides.
                 unusual = True
-                self.i += 1
-                if self.i < n and self.lines[self.i].startswith(b"+++ "):
-                    self.i += 1
+                self.i = run_end
             else:
                 # gitdiff_verify_name: these names win over the 'diff --git' line; when they differ
                 # from it (or /dev/null disagrees with the file's creation or deletion) git decides.

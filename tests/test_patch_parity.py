@@ -301,3 +301,12 @@ def test_fuzzer_found_shapes(upstream: Upstream, base: str, tmp_path: Path, patc
 ])
 def test_more_fuzzer_found_shapes(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
     both(upstream, base, patch, tmp_path)
+
+
+@pytest.mark.parametrize("names", [("+++ b/n.txt", "--- /dev/null"), ("--- a/a.txt", "--- a/a.txt", "+++ b/a.txt")])
+def test_header_name_lines_in_any_order_go_to_git(upstream: Upstream, base: str, tmp_path: Path,
+                                                  names: tuple[str, ...]):
+    new = names[0].endswith("n.txt")
+    head = ("diff --git a/n.txt b/n.txt", "new file mode 100644") if new else ("diff --git a/a.txt b/a.txt",)
+    hunk = ("@@ -0,0 +1 @@", "+x") if new else HUNK_A
+    both(upstream, base, section(*head, *names, *hunk), tmp_path)
