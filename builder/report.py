@@ -9,7 +9,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 STYLE = {"clean": "green", "offset": "green", "3way": "yellow", "fuzz": "yellow", "already-applied": "cyan",
-         "conflict": "bold red", "unchanged": "green", "moved": "green", "merged": "yellow", "upstream": "cyan"}
+         "conflict": "bold red", "malformed": "bold red", "unchanged": "green", "moved": "green", "merged": "yellow", "upstream": "cyan"}
 
 # Wider than any row: piped output (logs, CI, grep) keeps every table row and path on one line.
 UNWRAPPED = 100_000
