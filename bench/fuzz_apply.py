@@ -373,7 +373,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Disagreement:
-    kind: str  # accept-refuse | tree-differs | already-refused | refuse-accept | late-failure | crash
+    kind: str  # accept-refuse | tree-differs | already-refused | refuse-accept | late | crash | worktree
     patch: bytes
     target: str
     ours: str
@@ -422,11 +422,16 @@ class Oracle:
             index.with_name(index.name + ".lock").unlink(missing_ok=True)
 
     def ours(self, patch: bytes, target: str) -> tuple[str, Verdict]:
-        """('refused'|'accepted'|'already'|'threeway'|'late'|'crash', verdict)."""
+        """('refused'|'accepted'|'already'|'threeway'|'late'|'crash'|'worktree', verdict)."""
         try:
             parsed = parse_patch(patch, series="fuzz", name="case.patch", where="case.patch")
         except PatchError as exc:
             return "refused", Verdict(False, None, str(exc))
+        # The engine must write objects only: run it from an empty folder and look there after.
+        scratch = self.root / "cwd"
+        scratch.mkdir(exist_ok=True)
+        here = os.getcwd()
+        os.chdir(scratch)
         try:
             result = replay(self.git_dir, target, [parsed])
         except PatchError as exc:
@@ -435,6 +440,12 @@ class Oracle:
             return "late", Verdict(False, None, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a traceback is exactly what the gate looks for
             return "crash", Verdict(False, None, f"{type(exc).__name__}: {exc}")
+        finally:
+            os.chdir(here)
+            written = sorted(p.name for p in scratch.iterdir())
+            shutil.rmtree(scratch)
+        if written:
+            return "worktree", Verdict(False, None, f"wrote {written} into the current folder")
         (res,) = result.results
         detail = f"{res.outcome} {res.detail} {' '.join(f'{f.path}:{f.reason}' for f in res.failed)}".strip()
         if not res.ok:
@@ -446,7 +457,7 @@ class Oracle:
 
     def judge(self, patch: bytes, target: str) -> Disagreement | None:
         state, ours = self.ours(patch, target)
-        if state in ("late", "crash"):
+        if state in ("late", "crash", "worktree"):
             return Disagreement(state, patch, target, ours.detail, self.git(patch, target).detail)
         if state == "already":
             rev = self.git(patch, target, "-R", "--check")
