@@ -407,8 +407,12 @@ class Oracle:
     def git(self, patch: bytes, target: str, *args: str) -> Verdict:
         index = self._index(target)
         env = {"GIT_INDEX_FILE": str(index)}
-        proc = _git(self.git_dir.parent, "apply", "--cached", "-p1", "--whitespace=nowarn", *args, "-",
-                    input=patch, env=env, check=False)
+        # From an empty folder: `apply --3way` writes conflicted files into the work tree it assumes.
+        scratch = self.root / "git-cwd"
+        scratch.mkdir(exist_ok=True)
+        proc = _git(scratch, f"--git-dir={self.git_dir}", "apply", "--cached", "-p1", "--whitespace=nowarn", *args,
+                    "-", input=patch, env=env, check=False)
+        shutil.rmtree(scratch)
         detail = proc.stderr.decode(errors="replace").strip() or f"exit {proc.returncode}"
         try:
             if proc.returncode != 0 or "--check" in args:
@@ -455,13 +459,31 @@ class Oracle:
         tree = _git(self.git_dir.parent, "rev-parse", f"{result.head}^{{tree}}").stdout.decode().strip()
         return ("threeway" if res.outcome == THREEWAY else "accepted"), Verdict(True, tree, detail)
 
+    def _unproven_deletions(self, patch: bytes, target: str) -> list[str]:
+        """Deleted paths missing from TARGET with no preimage blob to show upstream removed them:
+        git -R "applies" those (it creates the file), but already-applied would hide a typo."""
+        diffs = parse_patch(patch, series="fuzz", name="case.patch", where="case.patch").files
+        unproven = []
+        for diff in diffs:
+            if diff.new_path is None and diff.old_path:
+                listed = _git(self.git_dir.parent, "ls-tree", "--name-only", target, "--", diff.old_path).stdout
+                blob = diff.old_blob and _git(self.git_dir.parent, "cat-file", "-e", f"{diff.old_blob}^{{blob}}",
+                                              check=False).returncode == 0
+                if not listed.strip() and not blob:
+                    unproven.append(diff.old_path)
+        return unproven
+
     def judge(self, patch: bytes, target: str) -> Disagreement | None:
         state, ours = self.ours(patch, target)
         if state in ("late", "crash", "worktree"):
             return Disagreement(state, patch, target, ours.detail, self.git(patch, target).detail)
         if state == "already":
             rev = self.git(patch, target, "-R", "--check")
-            return None if rev.accepted else Disagreement("already-refused", patch, target, ours.detail, rev.detail)
+            if not rev.accepted:
+                return Disagreement("already-refused", patch, target, ours.detail, rev.detail)
+            unproven = self._unproven_deletions(patch, target)
+            return Disagreement("already-refused", patch, target, ours.detail,
+                                f"deletes missing {unproven} whose preimage blob is not in the repository") if unproven else None
         theirs = self.git(patch, target)
         if state == "threeway" and not theirs.accepted:
             theirs = self.git(patch, target, "--3way")
