@@ -380,7 +380,11 @@ class Disagreement:
     git: str
 
     def key(self) -> tuple[str, str]:
-        said = self.ours.split()[0] if self.kind == "tree-differs" else (self.git.splitlines() or [""])[-1]
+        if self.kind == "tree-differs":  # our outcome and how the trees differ (M/A/D/T per path)
+            said = self.ours.split()[0] + " " + " ".join(w for w in self.git.split("ours differs:")[-1].split()
+                                                          if len(w) == 1)
+        else:
+            said = (self.git.splitlines() or [""])[-1]
         return self.kind, re.sub(r"'[^']*'|\b[0-9a-f]{7,40}\b|\d+", "_", said)[:80]
 
 
@@ -491,8 +495,10 @@ class Oracle:
             if not theirs.accepted:
                 return Disagreement("accept-refuse", patch, target, ours.detail, theirs.detail)
             if theirs.tree != ours.tree:
+                delta = _git(self.git_dir.parent, "diff-tree", "-r", "--name-status", str(theirs.tree),
+                             str(ours.tree)).stdout.decode(errors="replace").split()
                 return Disagreement("tree-differs", patch, target, f"{ours.detail} tree {ours.tree}",
-                                    f"tree {theirs.tree}")
+                                    f"tree {theirs.tree}; ours differs: {' '.join(delta)}")
             return None
         if theirs.accepted and not any(a.matches(patch, ours.detail) for a in ALLOWED):
             return Disagreement("refuse-accept", patch, target, ours.detail, theirs.detail or "applies")
