@@ -24,13 +24,14 @@ from .config import Config, ResolvedStack, Source
 from .errors import ApplyError, PatchError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, base_env, git, out
-from .patches import FileDiff, Hunk, Patch, split_lf
+from .patches import FileDiff, Hunk, Patch, invalid_path, split_lf
 from .series import load_stack_patches, stack_patch_digests
 from .settings import Settings
 from .sources import Synced, fetch_ref, sync
 
 CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT = "clean", "offset", "fuzz", "3way", "already-applied", "conflict"
-OUTCOMES = (CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT)
+MALFORMED = "malformed"  # the patch cannot be read, or no tree may hold what it writes: no git would take it
+OUTCOMES = (CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT, MALFORMED)
 TRAILER = "Stackbuild-Patch"
 ENGINE_VERSION = "1"  # part of every digest: a change in how commits are made must not reuse old ones
 DEFAULT_FUZZ = 2
@@ -54,6 +55,7 @@ class PatchResult:
     failed: tuple[FailedHunk, ...] = ()
     files: tuple[str, ...] = ()
     detail: str = ""
+    error: PatchError | None = None  # why a `malformed` patch is refused, as `apply` reports it
 
     def to_json(self) -> dict:
         return {
@@ -363,15 +365,34 @@ class Engine:
         self.files[path] = state
         return state
 
-    def _check_safe(self, patch: Patch, path: str) -> None:
+    def _check_safe(self, patch: Patch, diff: FileDiff, path: str, writes: dict[str, _FileState | None]) -> None:
+        """apply.c check_patch's path_is_beyond_symlink: no path may lie under a symlink, in the
+        tree or made earlier in the same patch; read-cache.c verify_path for the mode it gets."""
+        where = f"{patch.path or patch.url or patch.label}:{diff.line}"
         parts = path.split("/")
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
-            entry = self.entries.get(prefix)
-            if entry is not None and entry.mode == "120000":
-                raise PatchError(f"patch writes '{path}' through the symbolic link '{prefix}'",
-                                 where=patch.path and str(patch.path) or patch.label,
+            if prefix in writes:
+                state = writes[prefix]
+                mode = state.mode if state is not None else None
+            else:
+                entry = self.entries.get(prefix)
+                mode = entry.mode if entry is not None else None
+            if mode == "120000":
+                raise PatchError(f"affected file '{path}' is beyond a symbolic link", where=where,
                                  hint="a patch may not reach outside its tree through a symlink; remove that file diff")
+
+    def _check_tree(self, patch: Patch, writes: dict[str, _FileState | None]) -> None:
+        """What the patch leaves must be a tree git can hold: no file below a symlink it made
+        (whatever the order of its file diffs), no symlink named .gitmodules."""
+        by_path = {f.path: f for f in patch.files}
+        for path, state in writes.items():
+            diff = by_path.get(path, patch.files[0])
+            if state is not None:
+                self._check_safe(patch, diff, path, writes)
+                if invalid_path(path, state.mode):
+                    raise PatchError(f"invalid path '{path}'", where=f"{patch.path or patch.url or patch.label}:{diff.line}",
+                                     hint="git refuses a symbolic link named .gitmodules; make it a file")
 
     # -- one patch, in Python
 
@@ -382,7 +403,7 @@ class Engine:
         for diff in diffs:
             for p in (diff.old_path, diff.new_path):
                 if p:
-                    self._check_safe(patch, p)
+                    self._check_safe(patch, diff, p, writes)
             old = self._state(diff.old_path, writes) if diff.old_path else None
             if diff.old_path and old is None:
                 failed.append(FailedHunk(diff.old_path, 0, "", diff.line, "file does not exist"))
@@ -419,6 +440,8 @@ class Engine:
             if diff.rename and diff.old_path:
                 writes[diff.old_path] = None
             writes[diff.new_path] = new
+        if not failed:
+            self._check_tree(patch, writes)
         return writes, failed, max_offset, used_fuzz
 
     def _record(self, patch: Patch, writes: dict[str, _FileState | None]) -> None:
@@ -538,6 +561,24 @@ class Engine:
         return not failed
 
     def step(self, patch: Patch, *, fuzz: int | None = None, track: bool = True) -> PatchResult:
+        if patch.error is not None:
+            return PatchResult(patch, MALFORMED, False, detail=str(patch.error), error=patch.error)
+        try:
+            return self._step(patch, fuzz, track)
+        except PatchError as exc:
+            return PatchResult(patch, MALFORMED, False, files=tuple(dict.fromkeys(f.path for f in patch.files)),
+                               detail=str(exc), error=exc)
+
+    def _upstream_removed(self, patch: Patch) -> bool:
+        """A deletion of a missing file is upstream's own only if the file the patch deleted is
+        known here (its preimage blob is in the object store); else the path is simply wrong."""
+        for f in patch.files:
+            if f.new_path is None and f.old_path and self._state(f.old_path, {}) is None:
+                if not f.old_blob or self.cat.read(f"{f.old_blob}^{{blob}}") is None:
+                    return False
+        return True
+
+    def _step(self, patch: Patch, fuzz: int | None, track: bool) -> PatchResult:
         allowed = self.fuzz if fuzz is None else fuzz
         files = tuple(dict.fromkeys(f.path for f in patch.files))
         if any(f.needs_git for f in patch.files):
@@ -557,7 +598,7 @@ class Engine:
             return PatchResult(patch, OFFSET if offset else CLEAN, True, files=files,
                                detail=f"offset {offset} lines" if offset else "")
         _, rfailed, _, _ = self._try(patch, [reverse_diff(f) for f in reversed(patch.files)], 0, False)
-        if not rfailed:
+        if not rfailed and self._upstream_removed(patch):
             return PatchResult(patch, ALREADY, True, files=files, detail="applies in reverse: upstream already has it")
         if any(f.old_blob for f in patch.files):
             ok, changes, message = self._via_git(patch, threeway=True)
@@ -630,9 +671,11 @@ class Prepared:
         return sha256("\n".join(parts).encode())
 
 
-def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False) -> Prepared:
+def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False,
+            tolerant: bool = False) -> Prepared:
+    """TOLERANT (check): a patch that cannot be read becomes a `malformed` verdict in its place."""
     stack = config.stack(name)
-    patches = load_stack_patches(settings, config, stack)
+    patches = load_stack_patches(settings, config, stack, tolerant=tolerant)
     synced = {s.name: sync(settings, s, root=config.root, progress=progress) for s in stack.sources}
     return Prepared(stack, patches, synced, {s.name: s.fuzz for s in stack.series})
 
@@ -671,8 +714,10 @@ def materialize(settings: Settings, config: Config, name: str, *, prep: Prepared
     return out_
 
 
-def _failure_error(stack: str, source: str, failure: PatchResult) -> ApplyError:
+def _failure_error(stack: str, source: str, failure: PatchResult) -> ApplyError | PatchError:
     where = str(failure.patch.path or failure.patch.url or failure.patch.label)
+    if failure.error is not None:
+        return failure.error
     if failure.outcome == FUZZ:
         return ApplyError(f"{failure.patch.label} applies to '{source}' only with reduced context ({failure.detail})",
                           where=where, hint=f"refresh the patch (stackbuild rebase {stack} then export), or allow it: "
@@ -735,7 +780,7 @@ def check_stacks(settings: Settings, config: Config, names: Sequence[str], *, at
                              hint=f"sources: {', '.join(config.sources)}")
     reports = []
     for name in names or sorted(config.stacks):
-        prep = prepare(settings, config, name, progress=progress)
+        prep = prepare(settings, config, name, progress=progress, tolerant=True)
         checks = []
         for src in prep.stack.sources:
             ref = refs.get(src.name) or (refs.get(None) if src.kind == "git" else None)
@@ -792,7 +837,7 @@ class SourceApply:
 class ApplyReport:
     stack: str
     sources: tuple[SourceApply, ...]
-    error: ApplyError | None = None
+    error: ApplyError | PatchError | None = None
 
     @property
     def ok(self) -> bool:

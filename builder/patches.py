@@ -98,6 +98,7 @@ class Hunk:
     old_eof_newline: bool = True  # False after "\ No newline at end of file" on the old side
     new_eof_newline: bool = True
     line: int = 0  # where the hunk header is in the patch file
+    unusual: bool = False  # a '\\ No newline' marker where git's own reading must decide
 
     @property
     def header(self) -> str:
@@ -146,6 +147,7 @@ class FileDiff:
     copy: bool = False
     binary: bool = False
     line: int = 0
+    unusual: bool = False  # outside the canonical subset our applier decides: git decides it
 
     @property
     def path(self) -> str:
@@ -154,7 +156,7 @@ class FileDiff:
     @property
     def needs_git(self) -> bool:
         """Shapes our applier leaves to git itself, which handles them by definition."""
-        return self.binary or self.copy
+        return self.binary or self.copy or self.unusual
 
     @property
     def added(self) -> int:
@@ -179,6 +181,7 @@ class Patch:
     path: Path | None = None
     url: str | None = None
     mail: bool = False
+    error: PatchError | None = None  # set instead of files when check reads a patch it cannot parse
 
     @property
     def label(self) -> str:
@@ -237,6 +240,67 @@ def _split_git_names(rest: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+# Code points HFS+ ignores in names, so ".g\u200cit" is ".git" there (git's is_hfs_dotgit in utf8.c).
+HFS_IGNORABLE = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+MODE_RE = re.compile(rb"^([0-7]+)(?:[ \t]|$)")
+EPOCH_RE = re.compile(rb"\t(?:1970-01-01 00:00:00|1969-12-31 \d\d:\d\d:\d\d|Thu Jan  1 00:00:00 1970)")
+
+
+def _is_dot_name(component: str, word: str, short: re.Pattern[str]) -> bool:
+    """NAME as NTFS or HFS+ would see it (git's is_ntfs_dot_generic, is_hfs_dot_generic): '.WORD'
+    in any case, or its 8.3 short name, followed only by the spaces and dots NTFS drops or an
+    alternate data stream (':'), or with HFS+'s ignorable code points inside."""
+    low = HFS_IGNORABLE.sub("", component).lower()
+    for m in (re.match(re.escape("." + word), low), short.match(low)):
+        if m and not low[m.end():].split(":", 1)[0].strip(" ."):
+            return True
+    return False
+
+
+DOTGIT_SHORT = re.compile(r"git~1")
+DOTGITMODULES_SHORT = re.compile(r"gitmod~[1-4]")
+
+
+def invalid_path(path: str, mode: str | None = None) -> bool:
+    """read-cache.c's verify_path with core.protectNTFS (git's default) and core.protectHFS (off
+    on Linux: refusing HFS+ spellings of .git is stricter than git there, see docs/patches.md)."""
+    parts = path.split("/")
+    if any(p in ("", ".", "..") or _is_dot_name(p, "git", DOTGIT_SHORT) for p in parts):
+        return True
+    return mode == "120000" and _is_dot_name(parts[-1], "gitmodules", DOTGITMODULES_SHORT)
+
+
+def canonical_mode(raw: bytes) -> str | None:
+    """apply.c's parse_mode_line + canon_mode: octal digits, regular files become 100644 or
+    100755 by their owner's x bit. None for a valid mode our applier leaves to git."""
+    m = MODE_RE.match(raw)
+    if not m:
+        raise ValueError(raw.decode("utf-8", "replace"))
+    mode = int(m.group(1), 8)
+    kind = mode & 0o170000
+    if kind == 0o100000:
+        return "100755" if mode & 0o100 else "100644"
+    if kind == 0o120000:
+        return "120000"
+    return None
+
+
+def _b85_line(line: bytes) -> bytes | None:
+    """One line of a binary literal (apply.c parse_binary_hunk): a length letter, base85 data."""
+    n = len(line)
+    if n < 7 or (n - 2) % 5 or not line.endswith(b"\n"):
+        return None
+    c = line[0]
+    size = c - 64 if 65 <= c <= 90 else c - 70 if 97 <= c <= 122 else -1
+    room = (n - 2) // 5 * 4
+    if size < 0 or room < size or size <= room - 4:
+        return None
+    try:
+        return base64.b85decode(line[1:-1])[:size]
+    except ValueError:
+        return None
+
+
 class _Parser:
     def __init__(self, data: bytes, where: str, strip: int, directory: str):
         self.lines = split_lf(data)
@@ -248,7 +312,8 @@ class _Parser:
     def error(self, message: str, line: int, hint: str | None = None) -> PatchError:
         return PatchError(message, where=f"{self.where}:{line}", hint=hint)
 
-    def path(self, raw: bytes, line: int) -> str | None:
+    def path(self, raw: bytes, line: int, strip: int | None = None) -> str | None:
+        strip = self.strip if strip is None else strip
         raw = _unquote(raw.split(b"\t", 1)[0].rstrip(b"\r\n"))
         try:
             text = raw.decode("utf-8")
@@ -256,25 +321,36 @@ class _Parser:
             text = raw.decode("utf-8", "surrogateescape")
         if text == NULL:
             return None
-        # As git counts them: a leading '/' ends an empty first component, runs of '/' are one.
-        first, *rest = text.split("/")
-        parts = [first, *(p for p in rest if p)]
-        if len(parts) <= self.strip:
-            raise self.error(f"path '{text}' has fewer than {self.strip + 1} components for -p{self.strip}", line,
+        # apply.c find_name_common: each '/' counts towards -pN; squash_slash then joins runs.
+        parts = text.split("/")
+        if len(parts) <= strip:
+            raise self.error(f"path '{text}' has fewer than {strip + 1} components for -p{strip}", line,
                              hint="set the series' strip level (strip = N or '-pN' in the series file)")
-        parts = [p for p in parts[self.strip:] if p]
-        if text.startswith("/") and self.strip == 0:
-            raise self.error(f"absolute path '{text}' in patch", line, hint="patches must name paths inside the tree")
-        if any(p in ("..", ".") for p in parts) or any(p == ".git" for p in parts):
-            raise self.error(f"path '{text}' leaves the tree or enters .git", line,
-                             hint="patches may only touch files inside their source")
-        full = "/".join(parts)
-        return f"{self.directory}/{full}" if self.directory else full
+        name = re.sub("/+", "/", "/".join(parts[strip:]))
+        if invalid_path(name):
+            raise self.error(f"invalid path '{name}'", line,
+                             hint="patches may only touch files inside their source, never .git or outside it")
+        return f"{self.directory}/{name}" if self.directory else name
+
+    def mode(self, raw: bytes, line: int, info: dict[str, object], key: str) -> bool:
+        """Stores KEY's canonical mode in INFO (and its raw value: git compares those to tell a
+        mode change); True when git must decide (a mode our applier does not write)."""
+        try:
+            mode = canonical_mode(raw)
+        except ValueError as exc:
+            raise self.error(f"invalid mode '{exc}'", line, hint="modes are octal: 100644, 100755 or 120000") from None
+        info.setdefault(key, mode)
+        info.setdefault(f"{key}_raw", int(MODE_RE.match(raw).group(1), 8))  # type: ignore[union-attr]
+        return mode is None
 
     def header_crlf(self, line_no: int, raw: bytes) -> None:
         if raw.endswith(b"\r\n"):
             raise self.error("patch has CRLF line endings in its diff headers", line_no,
                              hint="the file was converted to DOS line endings; restore it with dos2unix")
+
+    def garbage(self) -> PatchError:
+        return self.error(f"patch with only garbage at line {self.i + 1}", self.i + 1,
+                          hint="a file section needs a hunk ('@@ -START,COUNT +START,COUNT @@') or a real metadata change")
 
     def parse(self) -> list[FileDiff]:
         files: list[FileDiff] = []
@@ -285,60 +361,77 @@ class _Parser:
                 self.header_crlf(self.i + 1, raw)
                 files.append(self.git_diff())
             elif raw.startswith(b"--- ") and self.i + 1 < n and self.lines[self.i + 1].startswith(b"+++ "):
-                self.header_crlf(self.i + 1, raw)
-                start = self.i + 1
-                old = self.path(raw[4:], start)
-                new = self.path(self.lines[self.i + 1][4:], start + 1)
-                self.i += 2
-                hunks = self.hunks()
-                if not hunks:
-                    raise self.error("file header without hunks", start)
-                files.append(FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start))
-            elif raw.startswith(b"@@ "):
+                files.append(self.traditional())
+            elif raw.startswith(b"@@ -"):
                 raise self.error("hunk without a file header ('--- a/…' and '+++ b/…')", self.i + 1)
             else:
                 self.i += 1
         return files
+
+    def traditional(self) -> FileDiff:
+        """apply.c parse_traditional_patch: one name for both sides; a /dev/null side (or git's
+        epoch timestamp, left to git) makes a creation or deletion."""
+        start = self.i + 1
+        first, second = self.lines[self.i], self.lines[self.i + 1]
+        self.header_crlf(start, first)
+        unusual = bool(EPOCH_RE.search(first) or EPOCH_RE.search(second))
+        old = self.path(first[4:], start)
+        new = self.path(second[4:], start + 1)
+        if old is not None and new is not None and not (len(new) > len(old) and new.startswith(old)):
+            old = new  # find_name_traditional: the second name, unless it only extends the first
+        elif old is not None and new is not None:
+            new = old
+        if old is None and new is None:
+            unusual = True
+        self.i += 2
+        hunks = self.hunks()
+        if not hunks:
+            raise self.garbage()
+        return FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start,
+                        unusual=unusual or any(h.unusual for h in hunks))
 
     def git_diff(self) -> FileDiff:
         start = self.i + 1
         names = _split_git_names(self.lines[self.i][len(b"diff --git "):].rstrip(b"\r\n"))
         if names is None:
             raise self.error("cannot read the file names of this 'diff --git' line", start)
-        old = self.path(names[0], start)
-        new = self.path(names[1], start)
+        header_old = self.path(names[0], start)
+        header_new = self.path(names[1], start)
         info: dict[str, object] = {}
+        unusual = False
+        renamed: dict[str, str | None] = {}
         self.i += 1
         n = len(self.lines)
         while self.i < n:
             raw = self.lines[self.i].rstrip(b"\n")
-            if raw.startswith((b"diff --git ", b"@@ ")) or raw.startswith(b"--- "):
+            line_no = self.i + 1
+            if raw.startswith((b"diff --git ", b"@@ -")) or raw.startswith(b"--- "):
                 break
             if raw.startswith(b"old mode "):
-                info["old_mode"] = raw[9:].decode()
+                info.pop("old_mode", None), info.pop("old_mode_raw", None)
+                unusual |= self.mode(raw[9:], line_no, info, "old_mode")
             elif raw.startswith(b"new mode "):
-                info["new_mode"] = raw[9:].decode()
+                info.pop("new_mode", None), info.pop("new_mode_raw", None)
+                unusual |= self.mode(raw[9:], line_no, info, "new_mode")
             elif raw.startswith(b"deleted file mode "):
-                info["old_mode"] = raw[18:].decode()
+                info.pop("old_mode", None), info.pop("old_mode_raw", None)
+                unusual |= self.mode(raw[18:], line_no, info, "old_mode")
                 info["deleted"] = True
             elif raw.startswith(b"new file mode "):
-                info["new_mode"] = raw[14:].decode()
+                info.pop("new_mode", None), info.pop("new_mode_raw", None)
+                unusual |= self.mode(raw[14:], line_no, info, "new_mode")
                 info["created"] = True
-            elif raw.startswith(b"rename from "):
-                info["rename"] = True
-                old = self._plain(raw[12:], self.i + 1)
-            elif raw.startswith(b"rename to "):
-                new = self._plain(raw[10:], self.i + 1)
-            elif raw.startswith(b"copy from "):
-                info["copy"] = True
-                old = self._plain(raw[10:], self.i + 1)
-            elif raw.startswith(b"copy to "):
-                new = self._plain(raw[8:], self.i + 1)
+            elif raw.startswith((b"rename from ", b"copy from ")):
+                info["rename" if raw.startswith(b"rename") else "copy"] = True
+                renamed["from"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1))
+            elif raw.startswith((b"rename to ", b"copy to ")):
+                info["rename" if raw.startswith(b"rename") else "copy"] = True
+                renamed["to"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1))
             elif m := INDEX_RE.match(raw):
                 info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
                 if m.group(3):
-                    info.setdefault("old_mode", m.group(3).decode())
-                    info.setdefault("new_mode", m.group(3).decode())
+                    unusual |= self.mode(m.group(3), line_no, info, "old_mode")
+                    unusual |= self.mode(m.group(3), line_no, info, "new_mode")
             elif raw.startswith(b"GIT binary patch") or (raw.startswith(b"Binary files ") and raw.endswith(b" differ")):
                 info["binary"] = True
                 if raw.startswith(b"Binary files "):
@@ -347,25 +440,38 @@ class _Parser:
                         hint="re-create the patch with 'git diff --binary' or 'git format-patch' (which include it)",
                     )
                 self.i += 1
-                while self.i < n and not self.lines[self.i].startswith(b"diff --git "):
-                    if self.lines[self.i].strip() == b"-- " or self.lines[self.i] == b"-- \n":
-                        break
-                    self.i += 1
+                self.binary()
                 break
             elif raw.startswith((b"similarity index", b"dissimilarity index")):
                 pass
-            elif raw.strip() == b"" or raw.startswith(b"-- "):
-                break
             else:
                 break
             self.i += 1
+        old, new = header_old, header_new
+        if info.get("rename") or info.get("copy"):
+            # apply.c takes the names of rename/copy lines; anything but both lines, agreeing
+            # with the 'diff --git' line, is left to git.
+            unusual |= set(renamed) != {"from", "to"} or (renamed.get("from"), renamed.get("to")) != (header_old, header_new)
+            old, new = renamed.get("from", header_old), renamed.get("to", header_new)
+        else:
+            unusual |= header_old != header_new  # git_header_name finds no name: ---/+++ decide
         hunks: list[Hunk] = []
         if self.i < n and self.lines[self.i].startswith(b"--- "):
             self.header_crlf(self.i + 1, self.lines[self.i])
             if self.i + 1 >= n or not self.lines[self.i + 1].startswith(b"+++ "):
                 raise self.error("'---' line without a '+++' line", self.i + 1)
+            # gitdiff_verify_name: these names win over the 'diff --git' line; when they differ
+            # from it (or /dev/null disagrees with the file's creation or deletion) git decides.
+            minus = self.path(self.lines[self.i][4:], self.i + 1)
+            plus = self.path(self.lines[self.i + 1][4:], self.i + 2)
+            unusual |= minus != (None if info.get("created") else old) or plus != (None if info.get("deleted") else new)
             self.i += 2
             hunks = self.hunks()
+        metadata = bool(info.get("rename") or info.get("copy") or info.get("created") or info.get("deleted")
+                        or ("old_mode_raw" in info and "new_mode_raw" in info
+                            and info["old_mode_raw"] != info["new_mode_raw"]))
+        if not hunks and not info.get("binary") and not metadata:
+            raise self.garbage()  # apply.c parse_chunk: a text patch without change or metadata
         if info.get("created"):
             old = None
         if info.get("deleted"):
@@ -382,26 +488,60 @@ class _Parser:
             copy=bool(info.get("copy")),
             binary=bool(info.get("binary")),
             line=start,
+            unusual=unusual or any(h.unusual for h in hunks),
         )
 
-    def _plain(self, raw: bytes, line: int) -> str | None:
-        """rename/copy lines carry names without the a/ b/ prefix: strip one level less."""
-        saved = self.strip
-        self.strip = max(0, saved - 1)
-        try:
-            return self.path(raw, line)
-        finally:
-            self.strip = saved
+    def binary(self) -> None:
+        """apply.c parse_binary: a forward 'literal N'/'delta N' block of base85 lines whose
+        inflated size is N, ended by an empty line, then an optional reverse block."""
+        n = len(self.lines)
+        for block in range(2):
+            head = self.lines[self.i] if self.i < n else b""
+            m = re.match(rb"^(literal|delta) (\d+)\n$", head)
+            if not m:
+                if block == 0:
+                    raise self.error(f"unrecognized binary patch at line {self.i + 1}", self.i + 1,
+                                     hint="the binary part is damaged; re-create the patch with 'git diff --binary'")
+                return
+            size = int(m.group(2))
+            self.i += 1
+            chunks = []
+            while True:
+                line = self.lines[self.i] if self.i < n else b""
+                if line == b"\n":
+                    self.i += 1
+                    break
+                data = _b85_line(line)
+                if data is None:
+                    raise self.corrupt_binary(line)
+                chunks.append(data)
+                self.i += 1
+            try:
+                inflated = zlib.decompress(b"".join(chunks))
+            except zlib.error:
+                inflated = None
+            if inflated is None or len(inflated) != size:
+                raise self.corrupt_binary(self.lines[self.i - 2] if self.i >= 2 else b"")
+
+    def corrupt_binary(self, line: bytes) -> PatchError:
+        text = line.rstrip(b"\n").decode("utf-8", "replace")
+        return self.error(f"corrupt binary patch at line {self.i + 1}: {text}", self.i + 1,
+                          hint="the binary part is truncated or damaged; re-create the patch with 'git diff --binary'")
+
+    def corrupt(self, line_no: int, why: str) -> PatchError:
+        return self.error(f"corrupt patch at line {line_no}", line_no, hint=why)
 
     def hunks(self) -> list[Hunk]:
+        """apply.c parse_fragment: every line of a hunk ends in LF and is ' ', '-', '+', an empty
+        context line or a '\\ No newline' marker, until the header's counts are used up."""
         hunks: list[Hunk] = []
         n = len(self.lines)
-        while self.i < n and self.lines[self.i].startswith(b"@@ "):
+        while self.i < n and self.lines[self.i].startswith(b"@@ -"):
             line_no = self.i + 1
             self.header_crlf(line_no, self.lines[self.i])
             m = HUNK_RE.match(self.lines[self.i].rstrip(b"\n"))
             if not m:
-                raise self.error("malformed hunk header", line_no, hint="expected '@@ -START,COUNT +START,COUNT @@'")
+                raise self.corrupt(line_no, "malformed hunk header: expected '@@ -START,COUNT +START,COUNT @@'")
             old_start, new_start = int(m.group(1)), int(m.group(3))
             old_count = int(m.group(2)) if m.group(2) is not None else 1
             new_count = int(m.group(4)) if m.group(4) is not None else 1
@@ -409,14 +549,37 @@ class _Parser:
             body: list[bytes] = []
             old_left, new_left = old_count, new_count
             old_eof = new_eof = True
-            while old_left > 0 or new_left > 0:
+            unusual = after_marker = False
+            marked: bytes | None = None  # the tag of the line a '\\ No newline' marker ended
+            while old_left > 0 or new_left > 0 or (self.i < n and self.lines[self.i].startswith(b"\\")):
                 if self.i >= n:
-                    raise self.error(f"hunk ends early: {old_left} old and {new_left} new lines missing", line_no,
-                                     hint="the patch is truncated or was edited by hand; re-create it")
+                    raise self.corrupt(self.i + 1, f"hunk at line {line_no} ends early: {old_left} old and {new_left} "
+                                                   "new lines missing; the patch is truncated or was edited by hand")
                 raw = self.lines[self.i]
+                if not raw.endswith(b"\n"):
+                    raise self.corrupt(self.i + 1, "the patch's last line has no newline: the file is truncated")
                 tag = raw[:1]
-                if raw in (b"\n", b"\r\n"):
-                    raw, tag = b" " + raw, b" "  # an empty context line whose space an editor removed
+                if tag == b"\\":
+                    if len(raw) < 12:
+                        raise self.corrupt(self.i + 1, "a '\\ No newline at end of file' marker cut short")
+                    prev = body[-1][:1] if body and not after_marker else None
+                    if prev is None or (marked is not None and not (marked == b"-" and prev == b"+")):
+                        unusual = True
+                    marked = prev
+                    if prev in (b" ", b"-"):
+                        old_eof = False
+                    if prev in (b" ", b"+"):
+                        new_eof = False
+                    after_marker = True
+                    self.i += 1
+                    continue
+                after_marker = False
+                if raw == b"\n":
+                    raw, tag = b" \n", b" "  # an empty context line whose space an editor removed
+                if marked is not None and not (marked == b"-" and tag == b"+"):
+                    # git strips the LF of any line before a marker, also inside a hunk: outside
+                    # the one canonical place (end of a side) git decides.
+                    unusual = True
                 if tag == b" " and old_left > 0 and new_left > 0:
                     old_left -= 1
                     new_left -= 1
@@ -424,22 +587,13 @@ class _Parser:
                     old_left -= 1
                 elif tag == b"+" and new_left > 0:
                     new_left -= 1
-                elif tag == b"\\":
-                    self.i += 1
-                    continue
                 else:
-                    raise self.error("hunk line does not match the counts of its header", self.i + 1,
-                                     hint="the patch was edited by hand; re-create it or fix the @@ counts")
+                    raise self.corrupt(self.i + 1, f"hunk at line {line_no}: this line does not match the counts "
+                                                   "of its header; re-create the patch or fix the @@ counts")
                 body.append(raw)
                 self.i += 1
-                if self.i < n and self.lines[self.i].startswith(b"\\"):
-                    # "\ No newline at end of file" marks the line before it, on its side(s).
-                    if tag in (b" ", b"-"):
-                        old_eof = False
-                    if tag in (b" ", b"+"):
-                        new_eof = False
-                    self.i += 1
-            hunks.append(Hunk(old_start, old_count, new_start, new_count, tuple(body), old_eof, new_eof, line_no))
+            hunks.append(Hunk(old_start, old_count, new_start, new_count, tuple(body), old_eof, new_eof, line_no,
+                              unusual))
         return hunks
 
 

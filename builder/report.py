@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 STYLE = {"clean": "green", "offset": "green", "3way": "yellow", "fuzz": "yellow", "already-applied": "cyan",
-         "conflict": "bold red", "unchanged": "green", "moved": "green", "merged": "yellow", "upstream": "cyan"}
+         "conflict": "bold red", "malformed": "bold red", "unchanged": "green", "moved": "green", "merged": "yellow", "upstream": "cyan"}
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

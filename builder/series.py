@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import Config, PatchRef, ResolvedStack, Series
 from .errors import PatchError, SeriesError
 from .fsutil import atomic_write, sha256
-from .patches import Patch, decode, encoding_of, read_patch_file
+from .patches import Header, Patch, decode, encoding_of, read_patch_file
 from .settings import Settings
 
 STRIP_RE = re.compile(r"^-p(\d+)$")
@@ -129,16 +129,25 @@ def _local_file(series: Series, ref: PatchRef) -> Path:
     return path
 
 
-def load_series(settings: Settings, series: Series) -> tuple[Patch, ...]:
+def load_series(settings: Settings, series: Series, *, tolerant: bool = False) -> tuple[Patch, ...]:
+    """TOLERANT: a patch that does not parse is kept, with its error, for `check` to report."""
     patches = []
     for ref in series_refs(series):
         strip = ref.strip if ref.strip is not None else series.strip
         if ref.remote:
             path = fetch_remote(settings, ref)
-            patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory,
-                                    expect_sha256=ref.sha256, url=ref.url)
+            url, expect = ref.url, ref.sha256
         else:
-            patch = read_patch_file(_local_file(series, ref), series=series.name, name=ref.name, strip=strip, directory=series.directory)
+            path, url, expect = _local_file(series, ref), None, None
+        try:
+            patch = read_patch_file(path, series=series.name, name=ref.name, strip=strip, directory=series.directory,
+                                    expect_sha256=expect, url=url)
+        except PatchError as exc:
+            if not tolerant:
+                raise
+            patch = Patch(series=series.name, name=ref.name, data=b"", sha256="", encoding=encoding_of(ref.name),
+                          files=(), header=Header(), strip=strip, directory=series.directory, path=path, url=url,
+                          error=exc)
         patches.append(patch)
     return tuple(patches)
 
@@ -152,18 +161,23 @@ def describe_series(settings: Settings, series: Series) -> list[dict]:
             rows.append({"name": ref.name, "url": ref.url, "sha256": ref.sha256, "remote": True,
                          "cached": cached.is_file(), "encoding": encoding_of(ref.name)})
             continue
-        patch = read_patch_file(_local_file(series, ref), series=series.name, name=ref.name,
-                                strip=ref.strip if ref.strip is not None else series.strip, directory=series.directory)
+        try:
+            patch = read_patch_file(_local_file(series, ref), series=series.name, name=ref.name,
+                                    strip=ref.strip if ref.strip is not None else series.strip, directory=series.directory)
+        except PatchError as exc:  # listed with its error: one bad file must not hide the others
+            rows.append({"name": ref.name, "remote": False, "encoding": encoding_of(ref.name), "error": str(exc)})
+            continue
         rows.append({"name": ref.name, "sha256": patch.sha256, "remote": False, "encoding": patch.encoding,
                      "files": len(patch.files), "subject": patch.header.subject})
     return rows
 
 
-def load_stack_patches(settings: Settings, config: Config, stack: ResolvedStack) -> dict[str, tuple[Patch, ...]]:
+def load_stack_patches(settings: Settings, config: Config, stack: ResolvedStack, *,
+                       tolerant: bool = False) -> dict[str, tuple[Patch, ...]]:
     """Every source of the stack with its patches in apply order (series order, then file order)."""
     out: dict[str, list[Patch]] = {s.name: [] for s in stack.sources}
     for series in stack.series:
-        out[series.source].extend(load_series(settings, series))
+        out[series.source].extend(load_series(settings, series, tolerant=tolerant))
     return {name: tuple(p) for name, p in out.items()}
 
 

@@ -86,23 +86,26 @@ def test_corrupt_encoded_patches(tmp_path: Path, upstream: Upstream, pinned: str
     good = upstream.diff({"a.txt": body(l1="x")})
     bad_b64 = base64.b64encode(gzip.compress(good))[:-7] + b"!!!"
     root = project_with(tmp_path, upstream, pinned, {"x.patch.gz.b64": bad_b64})
-    code, err = error_of(root, "check")
+    code, err = error_of(root, "apply", "demo")
     assert code == 4 and "corrupt base64" in err["message"] and "x.patch.gz.b64" in err["where"]
+    code, out, _ = run(root, "--json", "check")  # check reports it in place, as `malformed`
+    verdict = json.loads(out)[0]["sources"][0]["patches"][0]
+    assert code == 4 and verdict["outcome"] == "malformed" and "corrupt base64" in verdict["detail"]
     truncated = base64.b64encode(gzip.compress(good)[:-10])
     (root / "patches/s1/x.patch.gz.b64").write_bytes(truncated)
-    code, err = error_of(root, "check")
+    code, err = error_of(root, "apply", "demo")
     assert code == 4 and "corrupt gzip" in err["message"]
 
 
 @pytest.mark.parametrize("patch,needle", [
     (b"", "patch is empty"),
     (b"just some words\nno diff here\n", "contains no diff"),
-    (b"--- a/../../etc/passwd\n+++ b/../../etc/passwd\n@@ -1 +1 @@\n-x\n+y\n", "leaves the tree"),
+    (b"--- a/../../etc/passwd\n+++ b/../../etc/passwd\n@@ -1 +1 @@\n-x\n+y\n", "invalid path"),
     (b"--- /etc/passwd\n+++ /etc/passwd\n@@ -1 +1 @@\n-x\n+y\n", None),
-    (b"diff --git a/.git/config b/.git/config\n--- a/.git/config\n+++ b/.git/config\n@@ -1 +1 @@\n-x\n+y\n", "enters .git"),
-    (b"--- a/a.txt\n+++ b/a.txt\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n", "ends early"),
-    (b"--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n", "ends early"),
-    (b"--- a/a.txt\n+++ b/a.txt\n@@ bad @@\n-x\n", "malformed hunk header"),
+    (b"diff --git a/.git/config b/.git/config\n--- a/.git/config\n+++ b/.git/config\n@@ -1 +1 @@\n-x\n+y\n", "invalid path"),
+    (b"--- a/a.txt\n+++ b/a.txt\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n", "corrupt patch at line"),
+    (b"--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n", "corrupt patch at line"),
+    (b"--- a/a.txt\n+++ b/a.txt\n@@ bad @@\n-x\n", "patch with only garbage at line 3"),
     (b"diff --git a/i.png b/i.png\nindex 1111111..2222222 100644\nBinary files a/i.png and b/i.png differ\n",
      "binary change without its content"),
 ])
@@ -129,8 +132,10 @@ def test_symlink_traversal_is_refused(tmp_path: Path, upstream: Upstream):
     patch = b"diff --git a/link/evil b/link/evil\nnew file mode 100644\n--- /dev/null\n+++ b/link/evil\n@@ -0,0 +1 @@\n+owned\n"
     root = project_with(tmp_path, upstream, pin, {"evil.patch": patch})
     code, err = error_of(root, "apply", "demo")
-    assert code == 4 and "through the symbolic link 'link'" in err["message"]
-    assert not (root / "work/demo/up").exists()
+    assert code == 4 and "'link/evil' is beyond a symbolic link" in err["message"]
+    # Like any patch that does not apply: the worktree stops at the last good commit, the pin.
+    assert sh("git", "rev-parse", "HEAD", cwd=root / "work/demo/up").strip() == pin
+    assert not (root / "work/demo/up/link/evil").exists()
 
 
 def test_unknown_stack(tmp_path: Path, upstream: Upstream, pinned: str):

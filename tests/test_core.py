@@ -218,9 +218,16 @@ def test_crlf_content_applies_but_crlf_headers_are_refused(project, upstream: Up
     converted = content.replace(b"\n", b"\r\n")
     root = project({"converted.patch": converted}, commit=pin)
     code, out, _ = run(root, "--json", "check")
+    err = malformed_verdict(out)
     assert code == 4
-    err = json.loads(out)
-    assert "CRLF" in err["message"] and "converted.patch:1" in err["where"] and "dos2unix" in err["hint"]
+    assert "CRLF" in err and "converted.patch:1" in err and "dos2unix" in err
+
+
+def malformed_verdict(out: str) -> str:
+    """`check` reports a patch it cannot read in place: the first verdict's detail."""
+    verdict = json.loads(out)[0]["sources"][0]["patches"][0]
+    assert verdict["outcome"] == "malformed", verdict
+    return verdict["detail"]
 
 
 def test_overlap_report(project, upstream: Upstream):
@@ -263,7 +270,7 @@ def test_remote_patch_through_mirror_map(project, upstream: Upstream, tmp_path: 
     cached = next((Path(os.environ["STACKBUILD_CACHE"]) / "patches").rglob("seven.patch.gz.b64"))
     cached.write_bytes(base64.b64encode(gzip.compress(data + b" ")))
     code, out, _ = run(root, "--json", "check")
-    assert code == 4 and "expected" in json.loads(out)["message"]
+    assert code == 4 and "expected" in malformed_verdict(out)
 
 
 def test_remote_hash_mismatch_is_refused(project, upstream: Upstream, tmp_path: Path, monkeypatch):

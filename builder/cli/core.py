@@ -8,7 +8,7 @@ import sys
 import click
 
 from .. import apply as engine
-from ..errors import ApplyError, ConfigError
+from ..errors import ApplyError, ConfigError, PatchError
 from ..report import console, junit, patch_table, simple_table
 from ..series import describe_series, unused_patch_files
 from ..sources import sync
@@ -150,7 +150,10 @@ def check_cmd(ctx: Context, stacks: tuple[str, ...], at: tuple[str, ...], fmt: s
                         for o in s["overlaps"]]))
     if not all(r.ok for r in reports):
         bad = next(p for r in data for s in r["sources"] for p in s["patches"] if not p["ok"])
-        err = ApplyError(f"{sum(1 for r in data for s in r['sources'] for p in s['patches'] if not p['ok'])} patch(es) "
+        # A patch no git would take (malformed) is a patch error, as `apply` reports it.
+        kind = PatchError if any(p["outcome"] == engine.MALFORMED for r in data for s in r["sources"]
+                                 for p in s["patches"]) else ApplyError
+        err = kind(f"{sum(1 for r in data for s in r['sources'] for p in s['patches'] if not p['ok'])} patch(es) "
                          f"do not apply; first: {bad['patch']} ({bad['outcome']})", where="check",
                          hint="see the table; refresh them with stackbuild rebase, or fix the patch files")
         click.echo(f"stackbuild: {err.kind} error: {err}", err=True)

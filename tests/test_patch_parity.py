@@ -1,0 +1,274 @@
+"""The reproductions of issue 9, each against real `git apply --cached` on a temporary index.
+
+The parity rule (docs/patches.md): whatever the engine accepts, git accepts with the same tree;
+whatever git refuses, the engine refuses (a `malformed` or `conflict` verdict, or a PatchError
+while parsing), at check time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.apply import ALREADY, CONFLICT, MALFORMED, replay
+from builder.errors import PatchError
+from builder.patches import parse_patch
+from conftest import Upstream, sh, write_project
+from test_core import run, stack_toml
+
+A = "".join(f"line {i}\n" for i in range(1, 11))
+B = "alpha\nbeta\ngamma\n"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    tree: str | None  # when accepted
+    outcome: str  # ours: a PatchResult outcome, or "malformed" for a parse error; git: "ok"/"refused"
+    message: str
+
+
+@pytest.fixture
+def base(upstream: Upstream) -> str:
+    return upstream.commit({"a.txt": A, "b.txt": B}, "base")
+
+
+def git_verdict(repo: Path, base: str, patch: bytes, tmp: Path) -> Verdict:
+    env = {**os.environ, "GIT_INDEX_FILE": str(tmp / "git-index")}
+    subprocess.run(["git", "read-tree", base], cwd=repo, env=env, check=True)
+    proc = subprocess.run(["git", "apply", "--cached", "-p1"], cwd=repo, env=env, input=patch, capture_output=True)
+    if proc.returncode != 0:
+        return Verdict(False, None, "refused", proc.stderr.decode(errors="replace"))
+    tree = subprocess.run(["git", "write-tree"], cwd=repo, env=env, capture_output=True, check=True).stdout
+    return Verdict(True, tree.decode().strip(), "ok", "")
+
+
+def our_verdict(repo: Path, base: str, patch: bytes) -> Verdict:
+    try:
+        parsed = parse_patch(patch, series="s", name="p.patch", where="p.patch")
+    except PatchError as exc:
+        return Verdict(False, None, MALFORMED, str(exc))
+    result = replay(repo / ".git", base, [parsed], stop_at_failure=False)
+    r = result.results[0]
+    if not r.ok:
+        return Verdict(False, None, r.outcome, r.detail or "; ".join(f"{f.path}: {f.reason}" for f in r.failed))
+    tree = sh("git", "rev-parse", f"{result.head}^{{tree}}", cwd=repo).strip()
+    return Verdict(True, tree, r.outcome, r.detail)
+
+
+def both(upstream: Upstream, base: str, patch: bytes, tmp: Path) -> tuple[Verdict, Verdict]:
+    """Our verdict and git's, asserting the parity rule; ALREADY is ours alone (git -R)."""
+    ours, theirs = our_verdict(upstream.path, base, patch), git_verdict(upstream.path, base, patch, tmp)
+    if ours.accepted and ours.outcome != ALREADY:
+        assert theirs.accepted, f"we accept ({ours.outcome}), git refuses: {theirs.message}"
+        assert ours.tree == theirs.tree, "both accept, trees differ"
+    if not theirs.accepted:
+        assert not ours.accepted, f"git refuses ({theirs.message.strip()}), we say {ours.outcome}"
+    return ours, theirs
+
+
+def section(*lines: str) -> bytes:
+    return "".join(f"{ln}\n" for ln in lines).encode()
+
+
+HEAD_A = ("diff --git a/a.txt b/a.txt", "--- a/a.txt", "+++ b/a.txt")
+HUNK_A = ("@@ -1,3 +1,3 @@", "-line 1", "+LINE 1", " line 2", " line 3")
+GOOD_B = section("diff --git a/b.txt b/b.txt", "--- a/b.txt", "+++ b/b.txt", "@@ -1,3 +1,3 @@",
+                 "-alpha", "+ALPHA", " beta", " gamma")
+
+
+# 1. sections without a usable hunk: git reads them as garbage, never as an empty change.
+@pytest.mark.parametrize("patch,line", [
+    (section(*HEAD_A, "@@", "-line 1", "+LINE 1"), 4),
+    (section(*HEAD_A, "@@-1,3 +1,3 @@", "-line 1", "+LINE 1", " line 2", " line 3"), 4),
+    (section("diff --git a/a.txt b/a.txt", "index 1234567..89abcde 100644"), 3),
+    (section(*HEAD_A, "-line 1", "+LINE 1"), 4),
+    (section("diff --git a/a.txt b/a.txt", "new mode 100755"), 3),
+])
+def test_garbage_sections_are_refused_in_git_words(upstream: Upstream, base: str, tmp_path: Path, patch: bytes,
+                                                   line: int):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert f"patch with only garbage at line {line}" in theirs.message
+    assert ours.outcome == MALFORMED and f"patch with only garbage at line {line}" in ours.message
+
+
+def test_garbage_section_in_a_multi_file_patch_refuses_the_whole_patch(upstream: Upstream, base: str, tmp_path: Path):
+    patch = GOOD_B + section(*HEAD_A, "@@", "-line 1", "+LINE 1")
+    ours, _ = both(upstream, base, patch, tmp_path)
+    assert ours.outcome == MALFORMED and "p.patch:12" in ours.message
+
+
+# 2. names: traditional diffs take git's one name; disagreeing git headers are git's to decide.
+@pytest.mark.parametrize("names", [
+    ("--- a/a.txt", "+++ b/b.txt"),
+    ("--- a/a.txt", "+++ b/a.txt.new"),
+    ("--- a/a.txt.orig", "+++ b/a.txt"),
+    ("--- /d/f.txt", "+++ b/a.txt"),
+    ("diff --git a/a.txt b/b.txt", "--- a/a.txt", "+++ b/b.txt"),
+    ("diff --git a/a.txt b/b.txt", "rename to b.txt", "--- a/a.txt", "+++ b/b.txt"),
+    ("diff --git a/a.txt b/c.txt", "rename from a.txt", "--- a/a.txt", "+++ b/c.txt"),
+    ("diff --git a/a.txt b/a.txt", "--- a/b.txt", "+++ b/b.txt"),
+])
+def test_names_resolve_as_git_resolves_them(upstream: Upstream, base: str, tmp_path: Path, names: tuple[str, ...]):
+    both(upstream, base, section(*names, *HUNK_A), tmp_path)
+
+
+def test_traditional_name_extension_patches_the_first_name(upstream: Upstream, base: str, tmp_path: Path):
+    ours, theirs = both(upstream, base, section("--- a/a.txt", "+++ b/a.txt.new", *HUNK_A), tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# 3. a last line without its newline is a truncated patch.
+@pytest.mark.parametrize("patch", [
+    section(*HEAD_A, *HUNK_A)[:-1],
+    section(*HEAD_A, "@@ -1,3 +1,3 @@", "-line 1", " line 2", " line 3", "+LINE 1")[:-1],
+])
+def test_unterminated_last_line_is_a_corrupt_patch(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "corrupt patch at line 8" in theirs.message
+    assert ours.outcome == MALFORMED and "corrupt patch at line 8" in ours.message
+
+
+# 4. a "\ No newline" marker anywhere but the end of a side: git's reading decides.
+@pytest.mark.parametrize("hunk", [
+    ("@@ -1,3 +1,3 @@", "-line 1", "\\ No newline at end of file", "+LINE 1", " line 2", " line 3"),
+    ("@@ -1,3 +1,3 @@", "-line 1", "+LINE 1", "\\ No newline at end of file", " line 2", " line 3"),
+    ("@@ -1,3 +1,4 @@", "-line 1", "+LINE 1", "+one", "\\ No newline at end of file", "+two", " line 2", " line 3"),
+    ("@@ -1,3 +1,3 @@", " line 1", "\\ No newline at end of file", "-line 2", "+LINE 2", " line 3"),
+])
+def test_no_newline_marker_inside_a_hunk(upstream: Upstream, base: str, tmp_path: Path, hunk: tuple[str, ...]):
+    both(upstream, base, section(*HEAD_A, *hunk), tmp_path)
+
+
+def test_no_newline_marker_at_the_end_of_both_sides_stays_ours(upstream: Upstream, base: str, tmp_path: Path):
+    base2 = upstream.commit({"n.txt": "one\ntwo"}, "no eol")
+    patch = section("diff --git a/n.txt b/n.txt", "--- a/n.txt", "+++ b/n.txt", "@@ -1,2 +1,2 @@", " one",
+                    "-two", "\\ No newline at end of file", "+TWO", "\\ No newline at end of file")
+    assert not parse_patch(patch, series="s", name="p", where="p").files[0].needs_git
+    ours, theirs = both(upstream, base2, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# 5. deleting a file that is not there.
+def test_deleting_a_missing_file_is_a_conflict(upstream: Upstream, base: str, tmp_path: Path):
+    patch = section("diff --git a/nope.txt b/nope.txt", "deleted file mode 100644", "index 1234567..0000000",
+                    "--- a/nope.txt", "+++ /dev/null", "@@ -1 +0,0 @@", "-x")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "does not exist" in theirs.message
+    assert ours.outcome == CONFLICT and "nope.txt" in ours.message
+
+
+def test_deleting_a_file_upstream_removed_is_already_applied(upstream: Upstream, base: str, tmp_path: Path):
+    patch = upstream.diff({"b.txt": None})
+    removed = upstream.commit({"b.txt": None}, "upstream removes b.txt")
+    assert our_verdict(upstream.path, removed, patch).outcome == ALREADY
+
+
+# 6. paths outside the tree, and files behind a symlink the same patch makes.
+@pytest.mark.parametrize("patch", [
+    section("diff --git a//tmp/x b//tmp/x", "new file mode 100644", "--- /dev/null", "+++ b//tmp/x",
+            "@@ -0,0 +1 @@", "+x"),
+    section("--- a//tmp/x", "+++ b//tmp/x", "@@ -0,0 +1 @@", "+x"),
+])
+def test_absolute_paths_are_invalid(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "invalid path '/tmp/x'" in theirs.message and "invalid path '/tmp/x'" in ours.message
+
+
+NEW_F = ("diff --git a/d/f b/d/f", "new file mode 100644", "--- /dev/null", "+++ b/d/f", "@@ -0,0 +1 @@", "+x")
+NEW_LINK = ("diff --git a/d b/d", "new file mode 120000", "--- /dev/null", "+++ b/d", "@@ -0,0 +1 @@", "+a.txt",
+            "\\ No newline at end of file")
+
+
+@pytest.mark.parametrize("patch", [section(*NEW_F, *NEW_LINK), section(*NEW_LINK, *NEW_F)])
+def test_file_behind_a_symlink_of_the_same_patch(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "beyond a symbolic link" in theirs.message
+    assert ours.outcome == MALFORMED and "'d/f' is beyond a symbolic link" in ours.message
+
+
+# 7. what git's verify_path and mode parsing refuse is refused at check time.
+@pytest.mark.parametrize("path", [".GIT/config", "GIT~1/x", ".git /x", ".git./x", ".Git. . /x", "x/.git:stream/y"])
+def test_dotgit_variants_are_invalid(upstream: Upstream, base: str, tmp_path: Path, path: str):
+    patch = section(f"diff --git a/{path} b/{path}", "new file mode 100644", "--- /dev/null", f"+++ b/{path}",
+                    "@@ -0,0 +1 @@", "+x")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "invalid path" in theirs.message and ours.outcome == MALFORMED and "invalid path" in ours.message
+
+
+def test_hfs_spelling_of_dotgit_is_refused(upstream: Upstream, base: str):
+    path = ".g\u200cit/config"
+    patch = section(f"diff --git a/{path} b/{path}", "new file mode 100644", "--- /dev/null", f"+++ b/{path}",
+                    "@@ -0,0 +1 @@", "+x")
+    assert our_verdict(upstream.path, base, patch).outcome == MALFORMED  # stricter than git on Linux
+
+
+@pytest.mark.parametrize("name", [".gitmodules", ".GitModules", "GITMOD~1"])
+def test_gitmodules_symlink_is_invalid(upstream: Upstream, base: str, tmp_path: Path, name: str):
+    patch = section(f"diff --git a/{name} b/{name}", "new file mode 120000", "--- /dev/null", f"+++ b/{name}",
+                    "@@ -0,0 +1 @@", "+a.txt", "\\ No newline at end of file")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "invalid path" in theirs.message and ours.outcome == MALFORMED
+
+
+@pytest.mark.parametrize("mode,expect", [("100777", "100755"), ("100775", "100755"), ("100600", "100644")])
+def test_modes_are_normalised_as_git_does(upstream: Upstream, base: str, tmp_path: Path, mode: str, expect: str):
+    patch = section("diff --git a/a.txt b/a.txt", "old mode 100644", f"new mode {mode}")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted  # 100600 is a mode change to git, to the same 100644
+    assert f"{expect} blob" in sh("git", "ls-tree", ours.tree, "a.txt", cwd=upstream.path)
+
+
+@pytest.mark.parametrize("mode", ["abc", "100644x", ""])
+def test_garbage_modes_are_refused(upstream: Upstream, base: str, tmp_path: Path, mode: str):
+    patch = section("diff --git a/a.txt b/a.txt", "old mode 100644", f"new mode {mode}")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "invalid mode on line 2" in theirs.message  # git counts from the line after 'diff --git'
+    assert f"p.patch:3: invalid mode '{mode}'" in ours.message
+
+
+# 8. a damaged binary literal is malformed, not a conflict.
+def test_corrupt_binary_literal_is_malformed(upstream: Upstream, base: str, tmp_path: Path):
+    good = upstream.diff({"bin.dat": bytes(range(256)) * 4}, "--binary")
+    ours, theirs = both(upstream, base, good, tmp_path)
+    assert ours.accepted and theirs.accepted
+    lines = good.split(b"\n")
+    first_data = next(i for i, ln in enumerate(lines) if ln.startswith(b"literal ")) + 1
+    damaged = [
+        b"\n".join(lines[:first_data + 1]) + b"\n",                        # truncated: no end of the block
+        b"\n".join(lines[:first_data] + [b"A" + lines[first_data][1:]] + lines[first_data + 1:]),  # bad length
+        b"\n".join(lines[:first_data] + [lines[first_data][:-5] + b"!!!!!"] + lines[first_data + 1:]),
+        good.replace(b"literal ", b"literal 9", 1),                      # wrong inflated size
+        good.replace(b"literal ", b"litteral ", 1),
+    ]
+    for patch in damaged:
+        ours, theirs = both(upstream, base, patch, tmp_path)
+        assert not theirs.accepted and ours.outcome == MALFORMED, (patch[-200:], ours)
+        assert "binary patch at line" in ours.message
+
+
+# 9. one bad patch reported in place; other stacks and other patches are checked as usual.
+def test_a_malformed_patch_does_not_break_other_stacks(upstream: Upstream, base: str, tmp_path: Path):
+    good = upstream.diff({"a.txt": A.replace("line 5", "LINE 5")})
+    extra = '[series.bad]\nsource = "up"\n\n[stacks.broken]\nseries = ["s1", "bad"]\n'
+    root = write_project(tmp_path / "proj", stack_toml(upstream.path, base, extra=extra), {
+        "patches/s1/good.patch": good, "patches/s1/series": "good.patch\n",
+        "patches/bad/bad.patch": section(*HEAD_A, "@@", "-line 1"), "patches/bad/series": "bad.patch\n",
+    }).parent
+    assert run(root, "--json", "check", "demo")[0] == 0
+    code, out, _ = run(root, "--json", "series")
+    assert code == 0
+    rows = {p["name"]: p for s in json.loads(out)["series"] for p in s["patches"]}
+    assert "patch with only garbage at line 4" in rows["bad.patch"]["error"] and "error" not in rows["good.patch"]
+    code, out, err = run(root, "--json", "check")
+    assert code == 4, err
+    verdicts = {(r["stack"], p["patch"]): p["outcome"] for r in json.loads(out) for s in r["sources"] for p in s["patches"]}
+    assert verdicts == {("broken", "s1/good.patch"): "clean", ("broken", "bad/bad.patch"): MALFORMED,
+                        ("demo", "s1/good.patch"): "clean"}
+    code, out, _ = run(root, "--json", "apply", "broken")
+    assert code == 4 and "patch with only garbage at line 4" in out
