@@ -50,15 +50,28 @@ class Allowance:
 
     name: str
     reason: str
-    matches: Callable[[bytes, str], bool]  # (patch, stackbuild's refusal) -> is this the case
+    matches: Callable[[bytes, str, str], bool]  # (patch, stackbuild's refusal, git's stderr) -> this case
 
+
+HFS_IGNORABLE = ("\u200c", "\u200d", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",
+                 "\u206a", "\u206b", "\u206c", "\u206d", "\u206e", "\u206f", "\ufeff")
 
 # The one place stackbuild is allowed to be stricter than git.
 ALLOWED: tuple[Allowance, ...] = (
     Allowance("crlf-headers",
               "a patch whose diff headers end in CRLF was converted to DOS line endings; git strips the CR from "
               "headers but keeps it in hunk lines, so what it applies depends on the target's endings",
-              lambda patch, refusal: "CRLF line endings in its diff headers" in refusal),
+              lambda patch, ours, git: "CRLF line endings in its diff headers" in ours),
+    Allowance("hfs-dotgit",
+              "a '.git' spelled with characters HFS+ ignores names the repository's own folder on a Mac; git "
+              "refuses it only with core.protectHFS, which is off on Linux",
+              lambda patch, ours, git: "invalid path" in ours
+              and any(c in patch.decode("utf-8", "replace") for c in HFS_IGNORABLE)),
+    Allowance("corrupt-binary-exit-0",
+              "git prints 'corrupt binary patch' for a damaged binary section yet exits 0 and drops that "
+              "file's change; a patch that silently loses a file is malformed",
+              lambda patch, ours, git: "binary patch" in ours
+              and ("corrupt binary patch" in git or "unrecognized binary patch" in git)),
 )
 
 ENV = {
@@ -500,7 +513,7 @@ class Oracle:
                 return Disagreement("tree-differs", patch, target, f"{ours.detail} tree {ours.tree}",
                                     f"tree {theirs.tree}; ours differs: {' '.join(delta)}")
             return None
-        if theirs.accepted and not any(a.matches(patch, ours.detail) for a in ALLOWED):
+        if theirs.accepted and not any(a.matches(patch, ours.detail, theirs.detail) for a in ALLOWED):
             return Disagreement("refuse-accept", patch, target, ours.detail, theirs.detail or "applies")
         return None
 
