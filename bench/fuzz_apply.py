@@ -396,6 +396,8 @@ class Disagreement:
         if self.kind == "tree-differs":  # our outcome and how the trees differ (M/A/D/T per path)
             said = self.ours.split()[0] + " " + " ".join(w for w in self.git.split("ours differs:")[-1].split()
                                                           if len(w) == 1)
+        elif self.kind == "refuse-accept":  # git said nothing: our reason tells the classes apart
+            said = self.ours.split(" (hint:")[0].split(": ", 1)[-1]
         else:
             said = (self.git.splitlines() or [""])[-1]
         return self.kind, re.sub(r"'[^']*'|\b[0-9a-f]{7,40}\b|\d+", "_", said)[:80]
