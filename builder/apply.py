@@ -519,7 +519,11 @@ class Engine:
                 args.append(f"--directory={patch.directory}")
             if threeway:
                 args.append("--3way")
-            proc = git(args, git_dir=self.git_dir, env=env, input=patch.data, check=False)
+            # From an empty folder: with --3way git 2.39 writes merge results into its cwd even
+            # with --cached, and a check must never write files where it was started.
+            work = Path(tmp) / "cwd"
+            work.mkdir()
+            proc = git(args, git_dir=self.git_dir, cwd=work, env=env, input=patch.data, check=False)
             unmerged = git(["ls-files", "-u"], git_dir=self.git_dir, env=env).stdout.strip()
             message = proc.stderr.decode(errors="replace").strip()
             if proc.returncode != 0 or unmerged:

@@ -210,8 +210,9 @@ def _unquote(raw: bytes) -> bytes:
         if c == ord("\\") and i + 1 < len(raw):
             nxt = raw[i + 1]
             if 48 <= nxt <= 55:
-                out.append(int(raw[i + 1:i + 4], 8))
-                i += 4
+                digits = re.match(rb"[0-7]{1,3}", raw[i + 1:i + 4])
+                out.append(int(digits.group(), 8) & 0xFF)  # type: ignore[union-attr]
+                i += 1 + len(digits.group())  # type: ignore[union-attr]
                 continue
             out.append(escapes.get(nxt, nxt))
             i += 2
@@ -221,12 +222,25 @@ def _unquote(raw: bytes) -> bytes:
     return bytes(out)
 
 
+def _closing_quote(raw: bytes) -> int:
+    """Where the C-quoted name RAW (starting with '"') ends, or -1 when it does not."""
+    i = 1
+    while i < len(raw):
+        if raw[i] == 92:
+            i += 2
+            continue
+        if raw[i] == 34:
+            return i
+        i += 1
+    return -1
+
+
 def _split_git_names(rest: bytes) -> tuple[bytes, bytes] | None:
     """`diff --git a/X b/Y`: X and Y may contain spaces; when equal, split in the middle."""
     if rest.startswith(b'"'):
-        end = rest.index(b'"', 1)
-        while rest[end - 1:end] == b"\\":
-            end = rest.index(b'"', end + 1)
+        end = _closing_quote(rest)
+        if end < 0:
+            return None
         return _unquote(rest[:end + 1]), _unquote(rest[end + 2:].strip())
     if b' "' in rest:
         a, b = rest.split(b' "', 1)
@@ -242,7 +256,11 @@ def _split_git_names(rest: bytes) -> tuple[bytes, bytes] | None:
 
 # Code points HFS+ ignores in names, so ".g\u200cit" is ".git" there (git's is_hfs_dotgit in utf8.c).
 HFS_IGNORABLE = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
-MODE_RE = re.compile(rb"^([0-7]+)(?:[ \t]|$)")
+# Every line apply.c's parse_git_diff_header reads as part of a git header.
+GIT_HEADERS = (b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode ", b"copy from ", b"copy to ",
+               b"rename old ", b"rename new ", b"rename from ", b"rename to ", b"similarity index ",
+               b"dissimilarity index ", b"index ")
+MODE_RE = re.compile(rb"^([0-7]+)(?:\s|$)")
 EPOCH_RE = re.compile(rb"\t(?:1970-01-01 00:00:00|1969-12-31 \d\d:\d\d:\d\d|Thu Jan  1 00:00:00 1970)")
 
 
@@ -308,13 +326,17 @@ class _Parser:
         self.strip = strip
         self.directory = directory
         self.i = 0
+        self.after_skipped = False
 
     def error(self, message: str, line: int, hint: str | None = None) -> PatchError:
         return PatchError(message, where=f"{self.where}:{line}", hint=hint)
 
-    def path(self, raw: bytes, line: int, strip: int | None = None) -> str | None:
+    def path(self, raw: bytes, line: int, strip: int | None = None, verify: bool = True,
+             tab_ends: bool = True) -> str | None:
+        """TAB_ENDS: a tab ends the name (find_name's TERM_TAB), as on ---/+++ lines but not on
+        rename/copy lines, whose names run to the end of the line."""
         strip = self.strip if strip is None else strip
-        raw = _unquote(raw.split(b"\t", 1)[0].rstrip(b"\r\n"))
+        raw = _unquote((raw.split(b"\t", 1)[0] if tab_ends else raw).rstrip(b"\r\n"))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -327,10 +349,16 @@ class _Parser:
             raise self.error(f"path '{text}' has fewer than {strip + 1} components for -p{strip}", line,
                              hint="set the series' strip level (strip = N or '-pN' in the series file)")
         name = re.sub("/+", "/", "/".join(parts[strip:]))
+        full = f"{self.directory}/{name}" if self.directory else name
+        if verify:
+            self.verify(full, line)
+        return full
+
+    def verify(self, full: str, line: int) -> None:
+        name = full[len(self.directory) + 1:] if self.directory else full
         if invalid_path(name):
             raise self.error(f"invalid path '{name}'", line,
                              hint="patches may only touch files inside their source, never .git or outside it")
-        return f"{self.directory}/{name}" if self.directory else name
 
     def mode(self, raw: bytes, line: int, info: dict[str, object], key: str) -> bool:
         """Stores KEY's canonical mode in INFO (and its raw value: git compares those to tell a
@@ -359,7 +387,9 @@ class _Parser:
             raw = self.lines[self.i]
             if raw.startswith(b"diff --git "):
                 self.header_crlf(self.i + 1, raw)
-                files.append(self.git_diff())
+                found = self.git_diff()
+                if found is not None:
+                    files.append(found)
             elif raw.startswith(b"--- ") and self.i + 1 < n and self.lines[self.i + 1].startswith(b"+++ "):
                 files.append(self.traditional())
             elif raw.startswith(b"@@ -"):
@@ -375,34 +405,53 @@ class _Parser:
         first, second = self.lines[self.i], self.lines[self.i + 1]
         self.header_crlf(start, first)
         unusual = bool(EPOCH_RE.search(first) or EPOCH_RE.search(second))
-        old = self.path(first[4:], start)
-        new = self.path(second[4:], start + 1)
+        # find_name_common: a side without enough components for -pN names nothing, and the
+        # other side decides alone; with neither, the patch names no file.
+        try:
+            old = self.path(first[4:], start, verify=False)
+        except PatchError:
+            old = ""
+        try:
+            new = self.path(second[4:], start + 1, verify=False)
+        except PatchError:
+            if old == "":
+                raise
+            new = old
+        if old == "":
+            old = new
         if old is not None and new is not None and not (len(new) > len(old) and new.startswith(old)):
             old = new  # find_name_traditional: the second name, unless it only extends the first
         elif old is not None and new is not None:
             new = old
+        for name, line in ((old, start), (new, start + 1)):
+            if name is not None:
+                self.verify(name, line)
         if old is None and new is None:
             unusual = True
         self.i += 2
         hunks = self.hunks()
         if not hunks:
             raise self.garbage()
+        unusual |= self.after_skipped
+        self.after_skipped = False
         return FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start,
                         unusual=unusual or any(h.unusual for h in hunks))
 
-    def git_diff(self) -> FileDiff:
+    def git_diff(self) -> FileDiff | None:
         start = self.i + 1
         names = _split_git_names(self.lines[self.i][len(b"diff --git "):].rstrip(b"\r\n"))
-        if names is None:
-            raise self.error("cannot read the file names of this 'diff --git' line", start)
-        header_old = self.path(names[0], start)
-        header_new = self.path(names[1], start)
         info: dict[str, object] = {}
-        unusual = False
+        # git_header_name: without two readable names the header lines must name the file,
+        # and git decides; our applier takes only the plain shape.
+        unusual = names is None
+        header_old = self.path(names[0], start) if names else None
+        header_new = self.path(names[1], start) if names else None
         renamed: dict[str, str | None] = {}
         self.i += 1
         n = len(self.lines)
         while self.i < n:
+            if not self.lines[self.i].endswith(b"\n"):
+                break  # apply.c parse_git_diff_header reads whole lines only
             raw = self.lines[self.i].rstrip(b"\n")
             line_no = self.i + 1
             if raw.startswith((b"diff --git ", b"@@ -")) or raw.startswith(b"--- "):
@@ -423,10 +472,10 @@ class _Parser:
                 info["created"] = True
             elif raw.startswith((b"rename from ", b"copy from ")):
                 info["rename" if raw.startswith(b"rename") else "copy"] = True
-                renamed["from"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1))
+                renamed["from"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1), tab_ends=False)
             elif raw.startswith((b"rename to ", b"copy to ")):
                 info["rename" if raw.startswith(b"rename") else "copy"] = True
-                renamed["to"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1))
+                renamed["to"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1), tab_ends=False)
             elif m := INDEX_RE.match(raw):
                 info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
                 if m.group(3):
@@ -444,10 +493,22 @@ class _Parser:
                 break
             elif raw.startswith((b"similarity index", b"dissimilarity index")):
                 pass
+            elif raw.startswith(GIT_HEADERS):
+                unusual = True  # a header line git reads in its own way ("index" without "..", "rename old")
             else:
                 break
             self.i += 1
         old, new = header_old, header_new
+        if self.i == start and not (self.i < n and self.lines[self.i].startswith(b"--- ")):
+            if names is not None and header_old == header_new:
+                # apply.c find_header skips a 'diff --git' line with no header after it, but what
+                # it read stays in its state: git decides the next section.
+                self.after_skipped = True
+                return None
+            raise self.error(f"git diff header lacks filename information when removing {self.strip} leading "
+                             f"pathname component(s) (line {start})", start,
+                             hint="the 'diff --git' line names two different files and nothing after it says which")
+        unusual |= bool((info.get("rename") or info.get("copy")) and (info.get("created") or info.get("deleted")))
         if info.get("rename") or info.get("copy"):
             # apply.c takes the names of rename/copy lines; anything but both lines, agreeing
             # with the 'diff --git' line, is left to git.
@@ -467,6 +528,10 @@ class _Parser:
             unusual |= minus != (None if info.get("created") else old) or plus != (None if info.get("deleted") else new)
             self.i += 2
             hunks = self.hunks()
+        if {"old_mode", "new_mode"} <= info.keys() and (str(info["old_mode"]) == "120000") != (str(info["new_mode"]) == "120000"):
+            unusual = True  # a mode line changing a file's type: git refuses it against the index
+        unusual |= self.after_skipped
+        self.after_skipped = False
         metadata = bool(info.get("rename") or info.get("copy") or info.get("created") or info.get("deleted")
                         or ("old_mode_raw" in info and "new_mode_raw" in info
                             and info["old_mode_raw"] != info["new_mode_raw"]))
@@ -500,7 +565,7 @@ class _Parser:
             m = re.match(rb"^(literal|delta) (\d+)\n$", head)
             if not m:
                 if block == 0:
-                    raise self.error(f"unrecognized binary patch at line {self.i + 1}", self.i + 1,
+                    raise self.error(f"unrecognized binary patch at line {self.i}", self.i,
                                      hint="the binary part is damaged; re-create the patch with 'git diff --binary'")
                 return
             size = int(m.group(2))
@@ -592,6 +657,8 @@ class _Parser:
                                                    "of its header; re-create the patch or fix the @@ counts")
                 body.append(raw)
                 self.i += 1
+            if not any(ln[:1] in (b"+", b"-") for ln in body):
+                raise self.corrupt(self.i + 1, f"hunk at line {line_no} changes nothing: it holds only context")
             hunks.append(Hunk(old_start, old_count, new_start, new_count, tuple(body), old_eof, new_eof, line_no,
                               unusual))
         return hunks

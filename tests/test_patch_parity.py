@@ -272,3 +272,21 @@ def test_a_malformed_patch_does_not_break_other_stacks(upstream: Upstream, base:
                         ("demo", "s1/good.patch"): "clean"}
     code, out, _ = run(root, "--json", "apply", "broken")
     assert code == 4 and "patch with only garbage at line 4" in out
+
+
+# Shapes the differential fuzzer found after the reproductions were fixed.
+@pytest.mark.parametrize("patch", [
+    b"--- a/dir/\n+++ b/a.txt\r\n" + section(*HUNK_A),
+    b"--- a.txt.orig\n+++ b/a.txt\n" + section(*HUNK_A),
+    b"--- a/a.txt\n+++ .gitmodules\n" + section(*HUNK_A),
+    b"--- a/b.txt\n+++ b/b.txt\n@@ -2 +2 @@\n beta\n",
+    b"diff --git a/a.txt b/a.txt\nold mode 100644\nnew mode 100755",
+    b"diff --git a/a.txt b/a.txt\nold mode 100644\nnew mode 100755\r\n",
+    b"diff --git a/.git /x b/d\ncopy from a.txt\ncopy to d\n",
+    b"diff --git a/b.txt b/b.txt\n" + section(*HEAD_A, *HUNK_A),
+    b"diff --git a/a.txt b/a.txt\nindex 1234567\n" + section(*HEAD_A[1:], *HUNK_A),
+    b"diff --git a/a.txt b/m.txt\nrename from a.txt\nrename to m.txt\t\n",
+    b"diff --git a/a.txt b/m.txt\nnew file mode 100644\nrename from a.txt\nrename to m.txt\n",
+])
+def test_fuzzer_found_shapes(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    both(upstream, base, patch, tmp_path)
