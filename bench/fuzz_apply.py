@@ -67,6 +67,12 @@ ALLOWED: tuple[Allowance, ...] = (
               "refuses it only with core.protectHFS, which is off on Linux",
               lambda patch, ours, git: "invalid path" in ours
               and any(c in patch.decode("utf-8", "replace") for c in HFS_IGNORABLE)),
+    Allowance("unsafe-fallback-name",
+              "a 'diff --git' name that leaves the tree or names .git is refused even where git would take the "
+              "file's name from the ---/+++ lines instead: a name that unsafe is never a typo",
+              lambda patch, ours, git: bool(m := re.match(r"[^:]*:(\d+): invalid path", ours))
+              and (patch.splitlines()[int(m.group(1)) - 1:] or [b""])[0].startswith(b"diff --git ")
+              and b"\n--- " in patch and b"\n+++ " in patch),
     Allowance("corrupt-binary-exit-0",
               "git prints 'corrupt binary patch' for a damaged binary section yet exits 0 and drops that "
               "file's change; a patch that silently loses a file is malformed",
