@@ -445,8 +445,14 @@ class _Parser:
         # git_header_name: without two readable names the header lines must name the file,
         # and git decides; our applier takes only the plain shape.
         unusual = names is None
-        header_old = self.path(names[0], start) if names else None
-        header_new = self.path(names[1], start) if names else None
+        # Checked once the section says which names it uses: git ignores a 'diff --git' line's
+        # names when rename/copy lines give them.
+        try:
+            header_old = self.path(names[0], start, verify=False) if names else None
+            header_new = self.path(names[1], start, verify=False) if names else None
+        except PatchError:
+            # git_header_name: names that -pN cannot strip give no name; the header lines decide.
+            names, header_old, header_new, unusual = None, None, None, True
         renamed: dict[str, str | None] = {}
         self.i += 1
         n = len(self.lines)
@@ -473,10 +479,12 @@ class _Parser:
                 info["created"] = True
             elif raw.startswith((b"rename from ", b"copy from ")):
                 info["rename" if raw.startswith(b"rename") else "copy"] = True
-                renamed["from"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1), tab_ends=False)
+                renamed["from"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1),
+                                              verify=False, tab_ends=False)
             elif raw.startswith((b"rename to ", b"copy to ")):
                 info["rename" if raw.startswith(b"rename") else "copy"] = True
-                renamed["to"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1), tab_ends=False)
+                renamed["to"] = self.path(raw.split(b" ", 2)[2], line_no, max(0, self.strip - 1),
+                                              verify=False, tab_ends=False)
             elif m := INDEX_RE.match(raw):
                 info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
                 if m.group(3):
@@ -497,6 +505,9 @@ class _Parser:
             elif raw.startswith(GIT_HEADERS):
                 unusual = True  # a header line git reads in its own way ("index" without "..", "rename old")
             else:
+                # parse_git_diff_header ends at an unrecognized line and what follows is read anew:
+                # a shape git decides.
+                unusual |= bool(raw.strip()) and not raw.startswith((b"-- ", b"From "))
                 break
             self.i += 1
         old, new = header_old, header_new
@@ -528,6 +539,9 @@ class _Parser:
                 # git reads ---/+++ lines in any number and order as header lines: git decides.
                 unusual = True
                 self.i = run_end
+                # parse_git_diff_header reads header lines in any order up to the first fragment.
+                while self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ ", b"index ", *GIT_HEADERS)):
+                    self.i += 1
             else:
                 # gitdiff_verify_name: these names win over the 'diff --git' line; when they differ
                 # from it (or /dev/null disagrees with the file's creation or deletion) git decides.
@@ -535,6 +549,11 @@ class _Parser:
                 plus = self.path(self.lines[self.i + 1][4:], self.i + 2)
                 unusual |= minus != (None if info.get("created") else old) or plus != (None if info.get("deleted") else new)
                 self.i += 2
+            hunks = self.hunks()
+        elif self.i < n and self.lines[self.i].startswith(b"@@ -"):
+            # apply.c: a git header that named the file needs no ---/+++ lines before its
+            # fragments; a shape our applier does not take, so git decides.
+            unusual = True
             hunks = self.hunks()
         if {"old_mode", "new_mode"} <= info.keys() and (str(info["old_mode"]) == "120000") != (str(info["new_mode"]) == "120000"):
             unusual = True  # a mode line changing a file's type: git refuses it against the index
@@ -549,6 +568,8 @@ class _Parser:
             old = None
         if info.get("deleted"):
             new = None
+        for name in {old, new} - {None}:
+            self.verify(name, start)  # type: ignore[arg-type]
         return FileDiff(
             old_path=old,
             new_path=new,
