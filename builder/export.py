@@ -338,7 +338,8 @@ def plan_export(
                 if old is None or normalized(old) != normalized(fresh):
                     raise ExportError(
                         f"remote patch {spec.name}/{name} changed; it cannot be written back to its URL",
-                        hint=f"vendor it: save it under {os.path.relpath(spec.patch_dir, root)} and list it as a local entry")
+                        hint=f"vendor it first: `stackbuild vendor {spec.name}` copies it into "
+                             f"{os.path.relpath(spec.patch_dir, root)} as a local entry")
                 changes.append(FileChange(spec.name, name, "kept", rel))
                 continue
             if target_name != name:

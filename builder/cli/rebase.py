@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .. import rebase as rb
+from .. import vendor as vendor_mod
 from ..errors import ConfigError, RebaseError
 from ..fsutil import atomic_write
 from ..report import console, patch_table, simple_table
@@ -138,3 +139,32 @@ def _render_bisect(r: rb.BisectReport) -> None:
                    f"{r.newest_clean.subject}")
     else:
         click.echo("the series does not apply as is even at the current pin")
+
+
+@main.command("vendor")
+@click.argument("series", nargs=-1)
+@click.option("--stack", "stack_name", metavar="STACK",
+              help="Vendor every series of STACK that has remote patches (here a stack's name; before the "
+                   "command, --stack names the stack file).")
+@click.option("--keep-encoding", is_flag=True, help="Keep .gz/.b64 patches encoded instead of writing plain .patch.")
+@json_option
+@pass_ctx
+def vendor_cmd(ctx: Context, series: tuple[str, ...], stack_name: str | None, keep_encoding: bool) -> None:
+    """Copy remote patches (URL + sha256) into the patch folder and list them in a series file."""
+
+    def call():
+        cfg = ctx.config()
+        return vendor_mod.vendor(ctx.settings(cfg), cfg, series, stack=stack_name, keep_encoding=keep_encoding)
+
+    result = run(ctx, call)
+    emit(ctx, result.to_json(), lambda _: _render_vendor(result))
+
+
+def _render_vendor(result: vendor_mod.VendorResult) -> None:
+    for p in result.patches:
+        click.echo(f"  {p.action:<9} {p.path}  (from {p.url})")
+    for name in result.already_local:
+        click.echo(f"{name}: no remote patches, nothing to vendor")
+    if result.series:
+        click.echo(f"vendored {', '.join(result.series)}" + ("; stack.toml now reads the series files"
+                                                            if result.stack_file_changed else ""))
