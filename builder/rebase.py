@@ -202,10 +202,11 @@ def load_state(state_dir: Path, source: str) -> State:
 
 
 def sources_in_progress(state_dir: Path) -> list[str]:
-    return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
+    # A source name never starts with "_" (config.NAME_RE): such files belong to a multi-source rebase.
+    return sorted(p.stem for p in state_dir.glob("*.json") if not p.name.startswith("_")) if state_dir.is_dir() else []
 
 
-def _locked(state_dir: Path, source: str):
+def work_lock(state_dir: Path, source: str):
     """apply's lock on the stack's work directory: no apply (or other rebase) moves the worktree
     meanwhile. A kernel lock: a killed process releases it."""
     return locked(state_dir.parent / ".lock", f"the work directory of stack '{state_dir.parent.name}' ({source})")
@@ -418,48 +419,62 @@ def _prepare_worktree(plan: Plan, before: Mapping) -> None:
 
 
 def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False) -> Report:
-    with _locked(plan.state_dir, plan.source):
-        if _state_path(plan.state_dir, plan.source).exists():
-            raise RebaseError(f"a rebase of '{plan.source}' is already in progress",
-                              where=str(_state_path(plan.state_dir, plan.source)),
-                              hint="`stackbuild rebase --continue`, `--skip` or `--abort` it first")
-        before = _worktree_before(plan)
-        backups, dirs = _take_backups(plan)
-        state = State(
-            # Commits are made in the worktree's own repository, which sees the mirror's objects.
-            stack=plan.stack, source=plan.source, phase="replaying", git_dir=str(plan.worktree / ".git"),
-            mirror=str(plan.git_dir),
-            worktree=str(plan.worktree), branch=plan.branch, old_pin=plan.old_pin, onto=plan.onto,
-            root=str(plan.root), stack_file=str(plan.stack_file), items=plan.items, series=plan.series,
-            current={f"{s}/{n}": base64.b64encode(b).decode() for (s, n), b in plan.current.items()},
-            before=before, backups=backups, backup_dirs=dirs,
-            options={"drop_merged": drop_merged, "decode": decode, "refresh_context": refresh_context},
-            head=plan.onto,
-        )
-        save_state(plan.state_dir, state)
-        _prepare_worktree(plan, before)
-        return _run(plan.state_dir, state)
+    with work_lock(plan.state_dir, plan.source):
+        state = begin(plan, drop_merged=drop_merged, decode=decode, refresh_context=refresh_context)
+        return advance(plan.state_dir, state)
+
+
+def begin(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False,
+          defer_export: bool = False) -> State:
+    """Backups, the first state and the worktree on the new branch; the caller holds the lock.
+    DEFER_EXPORT: the replay stops at phase `replayed` and the caller runs `finish` (a rebase of
+    several sources exports them all once every replay is done)."""
+    if _state_path(plan.state_dir, plan.source).exists():
+        raise RebaseError(f"a rebase of '{plan.source}' is already in progress",
+                          where=str(_state_path(plan.state_dir, plan.source)),
+                          hint="`stackbuild rebase --continue`, `--skip` or `--abort` it first")
+    before = _worktree_before(plan)
+    backups, dirs = _take_backups(plan)
+    state = State(
+        # Commits are made in the worktree's own repository, which sees the mirror's objects.
+        stack=plan.stack, source=plan.source, phase="replaying", git_dir=str(plan.worktree / ".git"),
+        mirror=str(plan.git_dir),
+        worktree=str(plan.worktree), branch=plan.branch, old_pin=plan.old_pin, onto=plan.onto,
+        root=str(plan.root), stack_file=str(plan.stack_file), items=plan.items, series=plan.series,
+        current={f"{s}/{n}": base64.b64encode(b).decode() for (s, n), b in plan.current.items()},
+        before=before, backups=backups, backup_dirs=dirs,
+        options={"drop_merged": drop_merged, "decode": decode, "refresh_context": refresh_context,
+                 "defer_export": defer_export},
+        head=plan.onto,
+    )
+    save_state(plan.state_dir, state)
+    _prepare_worktree(plan, before)
+    return state
 
 
 def resume(state_dir: Path, source: str, action: str) -> Report:
     """action: continue | skip | abort."""
-    with _locked(state_dir, source):
-        state = load_state(state_dir, source)
-        if action == "abort":
-            return _abort(state_dir, state)
-        if action == "skip":
-            if state.phase != "stopped":
-                raise RebaseError("nothing to skip: the rebase is not stopped at a patch",
-                                  hint="`stackbuild rebase --continue` resumes it")
-            stopped = state.results[-1]
-            _git_wt(state, "reset", "--hard", "-q", state.head)
-            state = replace(state, phase="replaying", next=state.next + 1, stop="",
-                            results=state.results[:-1] + (replace(stopped, dropped=True),))
-            save_state(state_dir, state)
-        elif state.phase == "stopped":
-            state = _continue_stopped(state)
-            save_state(state_dir, state)
-        return _run(state_dir, state)
+    with work_lock(state_dir, source):
+        return resume_locked(state_dir, source, action)
+
+
+def resume_locked(state_dir: Path, source: str, action: str) -> Report:
+    state = load_state(state_dir, source)
+    if action == "abort":
+        return abort(state_dir, state)
+    if action == "skip":
+        if state.phase != "stopped":
+            raise RebaseError("nothing to skip: the rebase is not stopped at a patch",
+                              hint="`stackbuild rebase --continue` resumes it")
+        stopped = state.results[-1]
+        _git_wt(state, "reset", "--hard", "-q", state.head)
+        state = replace(state, phase="replaying", next=state.next + 1, stop="",
+                        results=state.results[:-1] + (replace(stopped, dropped=True),))
+        save_state(state_dir, state)
+    elif state.phase == "stopped":
+        state = _continue_stopped(state)
+        save_state(state_dir, state)
+    return advance(state_dir, state)
 
 
 def _continue_stopped(state: State) -> State:
@@ -495,23 +510,33 @@ def _continue_stopped(state: State) -> State:
                    results=state.results[:-1] + (result,))
 
 
-def _run(state_dir: Path, state: State) -> Report:
+def advance(state_dir: Path, state: State) -> Report:
     if state.phase == "stopped":
-        return _report(state, "stopped")
+        return report_of(state, "stopped")
     if state.phase == "replaying":
         # A crash mid-step left the worktree anywhere: the state's head is the truth.
         _git_wt(state, "reset", "--hard", "-q", state.head)
         state = _replay(state_dir, state)
         if state.phase == "stopped":
-            return _report(state, "stopped")
+            return report_of(state, "stopped")
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        state = replace(state, phase="exporting")
+        state = replace(state, phase="replayed" if state.options.get("defer_export") else "exporting")
         save_state(state_dir, state)
+    if state.phase == "replayed":
+        return report_of(state, "replayed")
+    return finish(state_dir, state)
+
+
+def finish(state_dir: Path, state: State, *, keep_state: bool = False) -> Report:
+    """Export, pin move, apply's record and the report of a finished replay. Safe to repeat (a
+    crash here is redone by the next run): the same commits give the same files. KEEP_STATE keeps
+    the state and backups, so a rebase of several sources can still abort them all."""
     export = _export(state)
     apply.record_worktree(state_dir.parent, state.source, git_dir=Path(state.mirror), base=state.onto, head=state.head)
-    report = _report(state, "finished", export=export.to_json())
+    report = report_of(state, "finished", export=export.to_json())
     _write_report(state_dir, report)
-    _cleanup(state_dir, state.source)
+    if not keep_state:
+        cleanup(state_dir, state.source)
     return report
 
 
@@ -638,7 +663,7 @@ def _export(state: State):
     return result
 
 
-def _abort(state_dir: Path, state: State) -> Report:
+def abort(state_dir: Path, state: State) -> Report:
     backup = _backup_dir(state_dir, state.source)
     kept = set(state.backups)
     for folder in state.backup_dirs:
@@ -651,8 +676,8 @@ def _abort(state_dir: Path, state: State) -> Report:
         if not dest.is_file() or dest.read_bytes() != saved:
             atomic_write(dest, saved)
     _restore_worktree(state)
-    report = _report(state, "aborted")
-    _cleanup(state_dir, state.source)
+    report = report_of(state, "aborted")
+    cleanup(state_dir, state.source)
     return report
 
 
@@ -674,14 +699,14 @@ def _restore_worktree(state: State) -> None:
     git(["reset", "--hard", "-q", str(before["head"])], cwd=wt, error=RebaseError)
 
 
-def _cleanup(state_dir: Path, source: str) -> None:
+def cleanup(state_dir: Path, source: str) -> None:
     shutil.rmtree(_backup_dir(state_dir, source), ignore_errors=True)
     _state_path(state_dir, source).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: another source's rebase is still stopped
         state_dir.rmdir()
 
 
-def _report(state: State, status: str, export: Mapping | None = None) -> Report:
+def report_of(state: State, status: str, export: Mapping | None = None) -> Report:
     return Report(state.stack, state.source, state.old_pin, state.onto, status, state.results,
                   state.results[-1] if status == "stopped" and state.results else None, export)
 

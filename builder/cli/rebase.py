@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .. import rebase as rb
+from .. import rebase_group as group_mod
 from .. import vendor as vendor_mod
 from ..errors import ConfigError, RebaseError
 from ..fsutil import atomic_write
@@ -18,7 +19,9 @@ from . import Context, emit, json_option, main, pass_ctx, run
 @main.command("rebase")
 @click.argument("stack", required=False)
 @click.option("--source", metavar="NAME", help="Source whose patches move (needed when the stack patches several).")
-@click.option("--onto", metavar="REF", help="Upstream SHA, tag or branch to move to (fetched if needed).")
+@click.option("--onto", metavar="[SOURCE=]REF", multiple=True,
+              help="Upstream SHA, tag or branch to move to (fetched if needed); SOURCE=REF, repeated, moves "
+                   "several sources in one rebase.")
 @click.option("--drop-merged", is_flag=True, help="Drop patches upstream already contains instead of stopping.")
 @click.option("--decode", is_flag=True, help="Export encoded (.gz/.b64) patches back as plain .patch files.")
 @click.option("--refresh-context", is_flag=True, help="Rewrite patches even when only their line numbers moved.")
@@ -29,22 +32,36 @@ from . import Context, emit, json_option, main, pass_ctx, run
               help="Also write the Markdown summary (for a pull request) to FILE.")
 @json_option
 @pass_ctx
-def rebase_cmd(ctx: Context, stack: str | None, source: str | None, onto: str | None, drop_merged: bool,
+def rebase_cmd(ctx: Context, stack: str | None, source: str | None, onto: tuple[str, ...], drop_merged: bool,
                decode: bool, refresh_context: bool, action: str | None, markdown_file: Path | None) -> None:
     """Replay a source's patches onto a new upstream REF, three-way, one word per patch."""
 
-    def call() -> rb.Report:
+    def call() -> rb.Report | group_mod.GroupReport:
         cfg = _config_if_any(ctx) if action and not stack else ctx.config()
         settings = ctx.settings(cfg)
-        return rb.rebase_stack(settings, cfg, stack, source, onto=onto, action=action, drop_merged=drop_merged,
-                               decode=decode, refresh_context=refresh_context)
+        return group_mod.rebase(settings, cfg, stack, source, onto=onto, action=action, drop_merged=drop_merged,
+                                decode=decode, refresh_context=refresh_context)
 
     report = run(ctx, call)
     if markdown_file:
-        atomic_write(markdown_file, rb.markdown(report).encode())
-    emit(ctx, report.to_json(), lambda _: _render_rebase(report))
+        text = group_mod.markdown(report) if isinstance(report, group_mod.GroupReport) else rb.markdown(report)
+        atomic_write(markdown_file, text.encode())
+    if isinstance(report, group_mod.GroupReport):
+        emit(ctx, report.to_json(), lambda _: _render_group(report))
+    else:
+        emit(ctx, report.to_json(), lambda _: _render_rebase(report))
     if report.status == "stopped":
         sys.exit(RebaseError.exit_code)
+
+
+def _render_group(report: group_mod.GroupReport) -> None:
+    for r in report.reports:
+        if r.status in ("pending", "replayed", "aborted"):
+            click.echo(f"{r.source}: {r.status}" + (f" ({len(r.results)} patches)" if r.results else ""))
+        else:
+            _render_rebase(r)
+    if report.status == "finished":
+        click.echo(f"stack {report.stack}: {len(report.reports)} sources rebased and exported")
 
 
 def _config_if_any(ctx: Context):
