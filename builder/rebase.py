@@ -33,6 +33,8 @@ from .export import ExportResult, SeriesSpec, apply_export, canonical_range, che
 from .fsutil import atomic_write, locked
 from .git import EMAIL, EPOCH, IDENTITY, git, out
 from .patches import Patch, parse_patch
+from .rebase_report import (FileCommits, PathChange, commits_by_file, details_markdown, merged_files, path_changes,
+                            plain_failures, pr_number, touched)
 from .series import load_stack_patches
 from .settings import Settings
 
@@ -81,6 +83,7 @@ class Upstream:
     subject: str
     author: str
     date: str
+    pr: int | None = None  # the pull request the subject names ("… (#12345)")
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,11 @@ class Result:
     insertions: int = 0
     deletions: int = 0
     breaking: Upstream | None = None
-    conflicted_files: tuple[str, ...] = ()
+    conflicted_files: tuple[str, ...] = ()  # conflicts left after the three-way merge
     upstream_commits: tuple[Upstream, ...] = ()
+    merged_files: tuple[str, ...] = ()  # the plain apply failed on these, the three-way merge took them
+    path_changes: tuple[PathChange, ...] = ()  # files of the patch upstream renamed or deleted
+    commits_by_file: tuple[FileCommits, ...] = ()  # per conflicted file, the upstream commits touching it
 
 
 @dataclass(frozen=True)
@@ -176,7 +182,11 @@ def _from_json(data: dict) -> State:
 
     results = tuple(
         Result(**{**r, "files": tuple(r["files"]), "conflicted_files": tuple(r["conflicted_files"]),
-                  "breaking": up(r["breaking"]), "upstream_commits": tuple(Upstream(**u) for u in r["upstream_commits"])})
+                  "breaking": up(r["breaking"]), "upstream_commits": tuple(Upstream(**u) for u in r["upstream_commits"]),
+                  "merged_files": tuple(r.get("merged_files", ())),
+                  "path_changes": tuple(PathChange(**c) for c in r.get("path_changes", ())),
+                  "commits_by_file": tuple(FileCommits(c["path"], tuple(c["commits"]))
+                                           for c in r.get("commits_by_file", ()))})
         for r in data["results"])
     series = tuple(SeriesSpec(**{**s, "patch_dir": Path(s["patch_dir"]), "remote": frozenset(s["remote"])})
                    for s in data["series"])
@@ -219,7 +229,7 @@ def work_lock(state_dir: Path, source: str):
 def commit_info(git_dir: Path, sha: str) -> Upstream:
     sha_, subject, author, date = out(["log", "-1", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", sha],
                                       git_dir=git_dir, error=RebaseError).split("\x1f")
-    return Upstream(sha_, subject, author, date)
+    return Upstream(sha_, subject, author, date, pr_number(subject))
 
 
 def replay_patches(git_dir: Path, old_pin: str, items: Sequence[Item]) -> list[Patch]:
@@ -548,6 +558,7 @@ def _replay(state_dir: Path, state: State) -> State:
     paths = {p for patch in patches for p in patch.paths}
     # Built on first need, then shared: the culprits of several patches reuse each other's probes.
     history = functools.cache(lambda: History(git_dir, state.old_pin, state.onto, patches))
+    changes = functools.cache(lambda: path_changes(git_dir, state.old_pin, state.onto))
     batch: list[tuple[Result, Patch | None]] = []
     engine: apply.Engine | None = None
 
@@ -559,8 +570,10 @@ def _replay(state_dir: Path, state: State) -> State:
         head, done = state.head, []
         for result, patch in batch:
             if patch is not None:
-                head = engine.commits[id(patch)]
+                parent, head = head, engine.commits[id(patch)]
                 result = replace(result, commit=head)
+                if result.outcome == "merged":
+                    result = _detailed(git_dir, result, patch, parent, changes())
             done.append(result)
         state = replace(state, next=state.next + len(batch), head=head, results=state.results + tuple(done))
         batch.clear()
@@ -580,7 +593,7 @@ def _replay(state_dir: Path, state: State) -> State:
                 engine = apply.Engine(git_dir, state.head, paths=paths)
             verdict = engine.step(patch, track=False)
             if verdict.outcome == apply.ALREADY:
-                result = _upstream_result(state, k, patches, history)
+                result = replace(_upstream_result(state, k, patches, history), path_changes=touched(patch, changes()))
                 if not state.options["drop_merged"]:
                     return stop(settle(state), result)
                 batch.append((result, None))
@@ -595,7 +608,7 @@ def _replay(state_dir: Path, state: State) -> State:
             state = settle(state)
             engine.close()
             engine = None  # the worktree takes over; a fresh engine starts from the next head
-            result, head = _pick(state, k, patches, history)
+            result, head = _pick(state, k, patches, history, changes)
             if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
                 return stop(state, result)
             state = replace(state, next=k + 1, head=head, results=state.results + (result,))
@@ -606,7 +619,8 @@ def _replay(state_dir: Path, state: State) -> State:
             engine.close()
 
 
-def _pick(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History]) -> tuple[Result, str]:
+def _pick(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History],
+          changes: Callable[[], Mapping[str, PathChange]]) -> tuple[Result, str]:
     """A real three-way merge in the worktree: base = the old commit's parent, renames followed."""
     git_dir, item = Path(state.git_dir), state.items[k]
     _git_wt(state, "reset", "--hard", "-q", state.head)
@@ -614,16 +628,25 @@ def _pick(state: State, k: int, patches: Sequence[Patch], history: Callable[[], 
     if pick.returncode == 0:
         commit = out(["rev-parse", "HEAD"], cwd=Path(state.worktree), error=RebaseError)
         files, add, rem = diff_numbers(git_dir, state.head, commit)
-        return Result(item.series, item.name, "merged", commit, False, files, add, rem, _breaking(history(), k)), commit
+        merged = Result(item.series, item.name, "merged", commit, False, files, add, rem, _breaking(history(), k))
+        return _detailed(git_dir, merged, patches[k], state.head, changes()), commit
     conflicted = tuple(out(["diff", "--name-only", "--diff-filter=U"], cwd=Path(state.worktree), error=RebaseError).split())
     if not conflicted:
         # The merge came out empty: upstream already has the change, in another shape.
         _git_wt(state, "reset", "--hard", "-q", state.head)
-        return _upstream_result(state, k, patches, history), state.head
+        return replace(_upstream_result(state, k, patches, history), path_changes=touched(patches[k], changes())), state.head
     files, add, rem = _numbers(patches[k])
-    touched = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
-    return (Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(history(), k),
-                   conflicted, touched), state.head)
+    upstream = _touching(git_dir, state.old_pin, state.onto, sorted(set(conflicted) | set(files)))
+    result = Result(item.series, item.name, "conflict", None, False, files, add, rem, _breaking(history(), k),
+                    conflicted, upstream, commits_by_file=commits_by_file(git_dir, state.old_pin, state.onto, conflicted))
+    return _detailed(git_dir, result, patches[k], state.head, changes()), state.head
+
+
+def _detailed(git_dir: Path, result: Result, patch: Patch, parent: str, changes: Mapping[str, PathChange]) -> Result:
+    """What the maintainer's report adds to a patch that needed the three-way merge."""
+    plain = plain_failures(git_dir, parent, patch)
+    return replace(result, merged_files=merged_files(plain, result.conflicted_files, changes),
+                   path_changes=touched(patch, changes))
 
 
 def _upstream_result(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History]) -> Result:
@@ -638,7 +661,8 @@ def _touching(git_dir: Path, old: str, new: str, paths: Sequence[str], limit: in
         return ()
     text = out(["log", f"--max-count={limit}", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", f"{old}..{new}", "--", *paths],
                git_dir=git_dir, error=RebaseError)
-    return tuple(Upstream(*line.split("\x1f")) for line in text.splitlines() if line)
+    rows = [line.split("\x1f") for line in text.splitlines() if line]
+    return tuple(Upstream(sha, subject, author, date, pr_number(subject)) for sha, subject, author, date in rows)
 
 
 def _breaking(history: History, k: int) -> Upstream | None:
@@ -740,6 +764,7 @@ def markdown(report: Report) -> str:
         s = report.stopped_at
         lines += ["", f"Stopped at `{s.series}/{s.name}`; conflicted: " + ", ".join(f"`{f}`" for f in s.conflicted_files)]
         lines += [f"- `{u.sha[:12]}` {_md(u.subject)} — {_md(u.author)}" for u in s.upstream_commits]
+    lines += details_markdown(report)
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,8 @@ def test_the_whole_loop_vendor_rebase_two_sources_resolve_export_check(tmp_path)
     assert "# patches = [  # the lab's files" in f.stack_file.read_text()
     code, out, err = f.cli("rebase", "lab", *f.onto(), "--markdown", str(tmp_path / "pr.md"))
     assert code == 8 and out["stopped_source"] == "vllm", err
+    assert out["stopped_at"]["breaking"]["pr"] == 4242
+    assert "— PR #4242" in (tmp_path / "pr.md").read_text()
     f.resolve("vllm", "e.txt", lines(30, "e.txt").replace("e.txt 5\n", "both\n"))
     code, out, err = f.cli("rebase", "--continue")
     assert code == 8 and out["stopped_source"] == "scaler", err

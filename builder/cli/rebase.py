@@ -78,6 +78,10 @@ def _render_rebase(report: rb.Report) -> None:
         detail = [f"+{r.insertions}/-{r.deletions}"] + (["dropped"] if r.dropped else [])
         if r.breaking:
             detail.append(f"broken by {r.breaking.sha[:12]} {r.breaking.subject}")
+        detail += [f"upstream renamed {c.path} -> {c.new_path}" if c.new_path else f"upstream deleted {c.path}"
+                   for c in r.path_changes]
+        if r.merged_files:
+            detail.append(f"3-way took {', '.join(r.merged_files)}")
         rows.append({"patch": f"{r.series}/{r.name}", "outcome": r.outcome, "files": r.files, "detail": ", ".join(detail)})
     console.print(patch_table(f"rebase {report.source} ({report.stack}): {report.old_pin[:12]} -> {report.onto[:12]}",
                               rows))
@@ -88,8 +92,12 @@ def _render_rebase(report: rb.Report) -> None:
                        "(or rerun with --drop-merged)")
             return
         click.echo(f"stopped at {s.series}/{s.name}: conflicts in {', '.join(s.conflicted_files)}")
-        for u in s.upstream_commits:
-            click.echo(f"  upstream {u.sha[:12]} {u.date[:10]} {u.author}: {u.subject}")
+        subjects = {u.sha: u for u in s.upstream_commits}
+        for fc in s.commits_by_file:
+            click.echo(f"  {fc.path}:")
+            for sha in fc.commits:
+                u = subjects.get(sha)
+                click.echo(f"    upstream {sha[:12]} " + (f"{u.date[:10]} {u.author}: {u.subject}" if u else ""))
         click.echo("resolve, `git add` the files, then `stackbuild rebase --continue` (or --skip / --abort)")
     elif report.status == "finished" and report.export:
         changed = [c for c in report.export["patches"] if c["action"] not in ("unchanged", "kept")]
