@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .config import Config, ResolvedStack, Source
+from .duplicates import Duplicate, find_duplicates
 from .errors import ApplyError, LockError, PatchError, StackbuildError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
 from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, hint_for, out
@@ -741,11 +742,13 @@ class SourceCheck:
     base: str
     at: str | None
     replay: Replay
+    duplicates: tuple[Duplicate, ...] = ()  # changes one patch repeats from an earlier one
 
     def to_json(self) -> dict:
         return {"source": self.source, "base": self.base, "at": self.at,
                 "ok": self.replay.ok, "patches": [r.to_json() for r in self.replay.results],
-                "overlaps": [o.to_json() for o in self.replay.overlaps]}
+                "overlaps": [o.to_json() for o in self.replay.overlaps],
+                "duplicates": [d.to_json() for d in self.duplicates]}
 
 
 @dataclass(frozen=True)
@@ -791,7 +794,7 @@ def check_stacks(settings: Settings, config: Config, names: Sequence[str], *, at
             base = fetch_ref(settings, src, synced.git_dir, ref, progress=progress) if ref else synced.commit
             result = _replay_source(prep, src.name, base, allow_fuzz=allow_fuzz, stop_at_failure=False, overlaps=True,
                                     write=False)
-            checks.append(SourceCheck(src.name, base, ref, result))
+            checks.append(SourceCheck(src.name, base, ref, result, find_duplicates(prep.patches[src.name])))
         reports.append(StackCheck(name, tuple(checks)))
     return tuple(reports)
 

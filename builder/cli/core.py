@@ -154,6 +154,8 @@ def check_cmd(ctx: Context, stacks: tuple[str, ...], at: tuple[str, ...], fmt: s
                     console.print(simple_table("overlaps", ["file", "lines", "earlier patch", "later patch", "kind"], [
                         (o["path"], f"{o['first_line']}-{o['last_line']}", o["earlier"], o["later"], o["kind"])
                         for o in s["overlaps"]]))
+                for d in s["duplicates"]:
+                    click.echo(d["text"])
     if not all(r.ok for r in reports):
         bad = next(p for r in data for s in r["sources"] for p in s["patches"] if not p["ok"])
         # A patch no git would take (malformed) is a patch error, as `apply` reports it.
