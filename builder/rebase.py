@@ -776,7 +776,7 @@ def _md(text: str) -> str:
 # from stack.toml to a plan: the one place that reads the core's sources, series and engine
 
 
-def _git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Source:
+def git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Source:
     git_sources = [s for s in resolved.sources if resolved.series_for(s.name)]
     if name is None:
         if len(git_sources) != 1:
@@ -815,7 +815,7 @@ def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch], resolved: Res
 
 def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> Plan:
     resolved = cfg.stack(stack)
-    src = _git_source(cfg, resolved, source)
+    src = git_source(cfg, resolved, source)
     mirror = sources.sync(settings, src).git_dir
     patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
     return Plan(
@@ -856,7 +856,7 @@ def rebase_stack(settings: Settings, cfg: Config | None, stack: str | None, sour
 
 def bisect_stack(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> BisectReport:
     resolved = cfg.stack(stack)
-    src = _git_source(cfg, resolved, source)
+    src = git_source(cfg, resolved, source)
     mirror = sources.sync(settings, src).git_dir
     patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
     return bisect(mirror, str(src.commit), sources.fetch_ref(settings, src, mirror, onto), patches, src.name)
@@ -866,7 +866,7 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
                  decode: bool = False, refresh_context: bool = False, prune: bool = False) -> tuple[ExportResult, ...]:
     """Patch files from the worktree's commits (or, with no worktree, from an in-memory apply)."""
     resolved = cfg.stack(stack)
-    chosen = [_git_source(cfg, resolved, source)] if source else [
+    chosen = [git_source(cfg, resolved, source)] if source else [
         s for s in resolved.sources if resolved.series_for(s.name) and s.kind == "git"]
     loaded = load_stack_patches(settings, cfg, resolved)
     results = []

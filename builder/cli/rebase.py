@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .. import horizon as horizon_mod
 from .. import rebase as rb
 from .. import rebase_group as group_mod
 from .. import vendor as vendor_mod
@@ -193,3 +194,48 @@ def _render_vendor(result: vendor_mod.VendorResult) -> None:
     if result.series:
         click.echo(f"vendored {', '.join(result.series)}" + ("; stack.toml now reads the series files"
                                                             if result.stack_file_changed else ""))
+
+
+@main.command("horizon")
+@click.argument("stack")
+@click.option("--source", metavar="NAME", help="Source whose patches are forecast (needed when the stack patches several).")
+@click.option("--to", "to", metavar="REF", help="Upstream SHA, tag or branch to look up to (default: its HEAD).")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path), metavar="PNG",
+              help="Also draw each patch over upstream commit dates: green while it applies, red after it breaks.")
+@json_option
+@pass_ctx
+def horizon_cmd(ctx: Context, stack: str, source: str | None, to: str | None, plot_file: Path | None) -> None:
+    """How far each patch, and the stack's pin, can follow upstream without touching a patch."""
+
+    def call():
+        cfg = ctx.config()
+        report = horizon_mod.horizon_stack(ctx.settings(cfg), cfg, stack, source, to)
+        if plot_file:
+            horizon_mod.plot(report, plot_file)
+        return report
+
+    report = run(ctx, call)
+    data = report.to_json() | ({"plot": str(plot_file)} if plot_file else {})
+    emit(ctx, data, lambda _: _render_horizon(report, plot_file))
+
+
+def _render_horizon(h: horizon_mod.Horizon, plot_file: Path | None) -> None:
+    def short(u) -> str:
+        return f"{u.sha[:12]} {u.date[:10]}" if u else ""
+
+    rows = [(f"{p.series}/{p.name}", short(p.applies_until), p.mode if p.applies_until else "",
+             (short(p.breaking) + f" {p.breaking.subject}" + (f" (PR #{p.breaking.pr})" if p.breaking.pr and
+                                                               f"#{p.breaking.pr}" not in p.breaking.subject else ""))
+             if p.breaking else "", p.at_to, p.note) for p in h.patches]
+    console.print(simple_table(
+        f"{h.source} ({h.stack}): {h.commits} commits {h.pin.sha[:12]}..{h.to.sha[:12]}, {h.probes} probes",
+        ["patch", "applies up to", "as", "breaks at", f"at {h.to.sha[:12]}", "note"], rows))
+    if h.stack_until is None:
+        click.echo("the stack does not apply even at its pin")
+    elif h.stack_until.sha == h.to.sha:
+        click.echo(f"the whole stack applies up to {h.to.sha[:12]}: the pin can move all the way")
+    else:
+        click.echo(f"the pin can move to {h.stack_until.sha[:12]} {h.stack_until.date[:10]} "
+                   f"({h.stack_until.subject}) without touching a patch")
+    if plot_file:
+        click.echo(f"plot: {plot_file}")
