@@ -11,11 +11,19 @@ through `git fast-import`), a 50-patch series on its first commit, and a stack.t
            the patch files, pin move).
            by hand:    `git rebase --onto REF PIN` of the 50 equivalent commits in a worktree
            (commits only: no patch files written).
+  horizon  (its own upstream: COMMITS commits, --horizon-patches patches, three of them broken
+           for good by upstream rewriting their own line, one only in its context)
+           stackbuild: `horizon STACK --to REF`: per patch the newest commit it applies at (clean,
+           offset, 3way) and the first that breaks it, and the stack's horizon.
+           naive:      every first-parent commit read into an index, then `git apply --cached
+           --check PATCH` for each patch, and where that fails `git apply --cached --3way PATCH`:
+           the per-commit loop that gives the same answers.
 
 Both rebases start from a worktree that already holds the old series (made untimed: `stackbuild
 apply` / `git worktree add`). Each figure is the median of --runs runs; ratios are by-hand time /
 stackbuild time.
 Usage: python bench/bench_rebase.py [--commits 1000] [--patches 50] [--files 60] [--runs 5] [--json]
+                                    [--horizon-patches 10] [--horizon-runs 3] [--only horizon]
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from builder import horizon as hz  # noqa: E402
 from builder import rebase as rb  # noqa: E402
 from builder.config import load_config  # noqa: E402
 from builder.export import canonical_patch  # noqa: E402
@@ -60,12 +69,14 @@ def content(f: int, edits: dict[int, str], top: int) -> bytes:
     return ("".join(f"header {f}.{j}\n" for j in range(top)) + "".join(rows)).encode()
 
 
-def build_upstream(path: Path, commits: int, patches: int, files: int) -> tuple[list[str], dict[int, int]]:
+def build_upstream(path: Path, commits: int, patches: int, files: int,
+                   breaks: dict[int, tuple[int, int]] | None = None) -> tuple[list[str], dict[int, int]]:
     """Commit 0 is the pin. Upstream commit i touches line 10 of one file (never a patch's context),
     every 50th inserts a line at the top of a file (patches move), and a few touch a patch's
-    context (that patch stops applying as is; a three-way merge still takes it)."""
+    context (that patch stops applying as is; a three-way merge still takes it). BREAKS maps an
+    upstream commit to (patch, line it rewrites): line 100 is the patch's own (a real conflict)."""
     git("init", "-q", "-b", "main", str(path))
-    breaks = {commits * 3 // 10: 3, commits * 7 // 10: 7}  # upstream commit -> patch it breaks
+    planted = breaks or {commits * 3 // 10: (3, 103), commits * 7 // 10: (7, 103)}
     edits: dict[int, dict[int, str]] = {f: {} for f in range(files)}
     tops = {f: 0 for f in range(files)}
     stream = []
@@ -78,9 +89,10 @@ def build_upstream(path: Path, commits: int, patches: int, files: int) -> tuple[
             if i % 50 == 0:
                 tops[(i // 50) % patches] += 1
                 changed.add((i // 50) % patches)
-            if i in breaks:
-                edits[breaks[i]][103] = f"upstream {i} rewrites our context"
-                changed.add(breaks[i])
+            if i in planted:
+                patch, line = planted[i]
+                edits[patch][line] = f"upstream {i} rewrites line {line}"
+                changed.add(patch)
         msg = f"upstream {i}".encode()
         stream.append(b"commit refs/heads/main\nmark :%d\n" % (i + 1))
         stream.append(b"author Up <up@example.invalid> %d +0000\ncommitter Up <up@example.invalid> %d +0000\n"
@@ -94,7 +106,7 @@ def build_upstream(path: Path, commits: int, patches: int, files: int) -> tuple[
     subprocess.run(["git", "fast-import", "--quiet"], cwd=path, input=b"".join(stream), check=True,
                    env={**os.environ, **ENV})
     git("reset", "-q", "--hard", "main", cwd=path)
-    return git("rev-list", "--first-parent", "--reverse", "main", cwd=path).split(), {v: k for k, v in breaks.items()}
+    return git("rev-list", "--first-parent", "--reverse", "main", cwd=path).split(), {v[0]: k for k, v in planted.items()}
 
 
 def make_series(upstream: Path, pin: str, patches: int, patch_dir: Path) -> list[str]:
@@ -118,12 +130,67 @@ def make_series(upstream: Path, pin: str, patches: int, patch_dir: Path) -> list
     return names
 
 
+def bench_horizon(tmp: Path, commits: int, patches: int, files: int, runs: int) -> dict:
+    up = tmp / "horizon-upstream"
+    breaks = {commits // 4: (2, 100), commits * 2 // 5: (4, 103), commits // 2: (5, 100), commits * 3 // 4: (8, 100)}
+    shas, _ = build_upstream(up, commits, patches, files, breaks)
+    pin, ref = shas[0], shas[-1]
+    root = tmp / "horizon-project"
+    names = make_series(up, pin, patches, root / "patches" / "xpu")
+    (root / "stack.toml").write_text(f'[sources.vllm]\nurl = "{up}"\ncommit = "{pin}"\n\n'
+                                     '[series.xpu]\nsource = "vllm"\n\n[stacks.lab]\nseries = ["xpu"]\n')
+    cfg = load_config(root / "stack.toml")
+    settings = load_settings(cfg, work_dir=root / "work")
+    first = hz.horizon_stack(settings, cfg, "lab", "vllm", ref)  # warms the mirror (a fetch is not what we measure)
+    index = {c: i for i, c in enumerate(shas)}
+    ours = {p.name: index[p.breaking.sha] for p in first.patches if p.breaking}
+    conflicts = {names[k]: i for i, (k, line) in breaks.items() if line == 100}
+    assert ours == conflicts, (ours, conflicts)
+    assert first.stack_until and index[first.stack_until.sha] == min(conflicts.values()) - 1
+    assert next(p for p in first.patches if p.name == names[4]).mode == "3way"
+    assert all(p.probes <= first.bound for p in first.patches)
+
+    files_ = [str(root / "patches" / "xpu" / n) for n in names]
+
+    def naive() -> dict[str, int]:
+        first_failure: dict[str, int] = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            env = {**os.environ, **ENV, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+            for i, commit in enumerate(shas):
+                subprocess.run(["git", "read-tree", commit], cwd=up, env=env, check=True)
+                for name, path in zip(names, files_):
+                    rc = subprocess.run(["git", "apply", "--cached", "--check", path], cwd=up, env=env,
+                                        capture_output=True).returncode
+                    if rc:
+                        # `apply --check --3way` exits 0 even when the merge would conflict (git 2.39,
+                        # observed), so the merge is run for real on the index, then the index reset.
+                        rc = subprocess.run(["git", "apply", "--cached", "--3way", path], cwd=up, env=env,
+                                            capture_output=True).returncode
+                        subprocess.run(["git", "read-tree", commit], cwd=up, env=env, check=True)
+                    if rc and name not in first_failure:
+                        first_failure[name] = i
+        return first_failure
+
+    got = naive()
+    assert got == ours, (got, ours)  # the same answers, or the comparison means nothing
+    return {
+        "horizon_commits": commits, "horizon_patches": patches, "horizon_runs": runs,
+        "horizon_probes": first.probes, "horizon_bound_per_patch": first.bound,
+        "horizon_ours_s": statistics.median(timed(lambda: hz.horizon_stack(settings, cfg, "lab", "vllm", ref))
+                                            for _ in range(runs)),
+        "horizon_naive_s": statistics.median(timed(naive) for _ in range(runs)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--commits", type=int, default=1000)
     ap.add_argument("--patches", type=int, default=50)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--files", type=int, default=60, help="files in the tree (vLLM has ~4,800)")
+    ap.add_argument("--horizon-patches", type=int, default=10)
+    ap.add_argument("--horizon-runs", type=int, default=3, help="the naive loop runs ~11 git processes per commit")
+    ap.add_argument("--only", choices=["horizon"], help="run only this part")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ.update(ENV)
@@ -131,6 +198,11 @@ def main() -> None:
         tmp = Path(tmp_s)
         os.environ["HOME"] = str(tmp / "home")
         os.environ["STACKBUILD_CACHE"] = str(tmp / "cache")
+        horizon = bench_horizon(tmp, args.commits, args.horizon_patches, args.files, args.horizon_runs)
+        horizon["horizon_speedup"] = horizon["horizon_naive_s"] / horizon["horizon_ours_s"]
+        if args.only == "horizon":
+            report_horizon(horizon, args.json)
+            return
         up = tmp / "upstream"
         shas, breaks = build_upstream(up, args.commits, args.patches, args.files)
         pin, ref = shas[0], shas[-1]
@@ -203,6 +275,7 @@ def main() -> None:
         }
         results["bisect_speedup"] = results["bisect_by_hand_s"] / results["bisect_ours_s"]
         results["rebase_speedup"] = results["rebase_by_hand_s"] / results["rebase_ours_s"]
+        results.update(horizon)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -212,6 +285,16 @@ def main() -> None:
           f"git bisect run by hand {results['bisect_by_hand_s']:.2f} s   x{results['bisect_speedup']:.1f}")
     print(f"rebase  stackbuild {results['rebase_ours_s']:.2f} s (with export)   "
           f"git rebase by hand {results['rebase_by_hand_s']:.2f} s   x{results['rebase_speedup']:.2f}")
+    report_horizon(results, False)
+
+
+def report_horizon(r: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"horizon stackbuild {r['horizon_ours_s']:.2f} s ({r['horizon_probes']} probes, {r['horizon_commits']} commits x "
+          f"{r['horizon_patches']} patches, median of {r['horizon_runs']})   naive per-commit git apply --check loop "
+          f"{r['horizon_naive_s']:.2f} s   x{r['horizon_speedup']:.1f}")
 
 
 if __name__ == "__main__":

@@ -58,24 +58,64 @@ class Horizon:
         return asdict(self)
 
 
+class _Probe:
+    """The verdicts of one commit, computed in series order only as far as they are asked for: a
+    patch's verdict depends on the ones before it, never after, so the search for patch k (and
+    the stack's, which stops at the first failure) never pays for a three-way attempt of a later
+    patch. The engine stays open between requests, holding the tree so far in memory."""
+
+    def __init__(self, git_dir: Path, commit: str, patches: Sequence[Patch], fuzz_for: Callable[[Patch], int]):
+        self.engine: apply.Engine | None = apply.Engine(git_dir, commit, paths={p for x in patches for p in x.paths})
+        self.patches, self.fuzz_for = patches, fuzz_for
+        self.results: list[apply.PatchResult] = []
+
+    def __getitem__(self, k: int) -> apply.PatchResult:
+        while len(self.results) <= k:
+            assert self.engine is not None
+            patch = self.patches[len(self.results)]
+            self.results.append(self.engine.step(patch, fuzz=self.fuzz_for(patch), track=False))
+        if len(self.results) == len(self.patches):
+            self.close()
+        return self.results[k]
+
+    def all_ok(self) -> bool:
+        return all(self[k].ok for k in range(len(self.patches)))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
 class _Prober:
-    """The whole series' verdicts at a commit, each patch on the ones before it that applied."""
+    """Probes per commit, shared by every patch's search."""
 
     def __init__(self, git_dir: Path, patches: Sequence[Patch], fuzz_for: Callable[[Patch], int]):
         self.git_dir, self.patches, self.fuzz_for = git_dir, patches, fuzz_for
-        self.cache: dict[str, tuple[apply.PatchResult, ...]] = {}
+        self.cache: dict[str, _Probe] = {}
 
-    def __call__(self, commit: str) -> tuple[apply.PatchResult, ...]:
+    def __call__(self, commit: str) -> _Probe:
         if commit not in self.cache:
-            self.cache[commit] = apply.replay(self.git_dir, commit, self.patches, stop_at_failure=False, write=False,
-                                              fuzz_for=self.fuzz_for).results
+            self.cache[commit] = _Probe(self.git_dir, commit, self.patches, self.fuzz_for)
         return self.cache[commit]
+
+    def close(self) -> None:
+        for probe in self.cache.values():
+            probe.close()
 
 
 def horizon(git_dir: Path, pin: str, to: str, patches: Sequence[Patch], *, stack: str = "", source: str = "",
             fuzz_for: Callable[[Patch], int] = lambda _p: 0) -> Horizon:
     line = [pin] + first_parent_range(git_dir, pin, to)
     prober = _Prober(git_dir, patches, fuzz_for)
+    try:
+        return _horizon(git_dir, line, patches, prober, stack, source)
+    finally:
+        prober.close()
+
+
+def _horizon(git_dir: Path, line: Sequence[str], patches: Sequence[Patch], prober: _Prober, stack: str,
+             source: str) -> Horizon:
     info: dict[str, Upstream] = {}
 
     def at(commit: str) -> Upstream:
@@ -97,12 +137,12 @@ def horizon(git_dir: Path, pin: str, to: str, patches: Sequence[Patch], *, stack
         hi, probes = search(line, lambda c: prober(c)[k].ok)
         rows.append(PatchHorizon(p.series, p.name, end.outcome, at(line[hi - 1]), prober(line[hi - 1])[k].outcome,
                                  at(line[hi]), probes + 2))
-    if all(r.ok for r in prober(line[-1])):
+    if prober(line[-1]).all_ok():
         until: Upstream | None = at(line[-1])
-    elif not all(r.ok for r in prober(line[0])):
+    elif not prober(line[0]).all_ok():
         until = None
     else:
-        hi, _ = search(line, lambda c: all(r.ok for r in prober(c)))
+        hi, _ = search(line, lambda c: prober(c).all_ok())
         until = at(line[hi - 1])
     bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
     return Horizon(stack, source, at(line[0]), at(line[-1]), len(line) - 1, tuple(rows), until, len(prober.cache), bound)

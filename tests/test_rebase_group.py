@@ -252,3 +252,27 @@ def test_a_dirty_second_worktree_refuses_the_start_and_puts_the_first_back(tmp_p
     assert run("symbolic-ref", "HEAD", cwd=f.wt("vllm")) == "refs/heads/stackbuild/lab"
     assert (f.wt("scaler") / "t.txt").read_text() == "edited by hand\n"
     assert f.snapshot() == before and not (tmp_path / "work" / "lab" / ".rebase").exists()
+
+
+def test_a_start_killed_while_setting_up_is_undone_by_the_next_run(tmp_path, monkeypatch):
+    from builder import rebase_group as group
+
+    f = Fixture(tmp_path)
+    before = f.snapshot()
+    real_begin, real_abort, calls = rb.begin, group._abort, []
+
+    def begin(plan, **kw):
+        calls.append(plan.source)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # with the undo below switched off: as if killed (kill -9) here
+        return real_begin(plan, **kw)
+
+    monkeypatch.setattr(rb, "begin", begin)
+    monkeypatch.setattr(group, "_abort", lambda *a: None)
+    code, _, _ = f.cli("rebase", "lab", *f.onto())
+    assert code == 130 and (tmp_path / "work/lab/.rebase/_group.json").is_file()
+    monkeypatch.setattr(group, "_abort", real_abort)
+    code, out, err = f.cli("rebase", "--continue")
+    assert code == 8 and "interrupted while it was starting; it has been undone" in err
+    assert f.snapshot() == before and not f.wt("vllm").exists()
+    assert not (tmp_path / "work" / "lab" / ".rebase").exists()
