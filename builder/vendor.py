@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Config, PatchRef, Series, thaw
-from .errors import ConfigError, PatchError, SeriesError
+from .errors import ConfigError, SeriesError
 from .export import commit_files, plain_name
-from .fsutil import atomic_write, sha256
-from .patches import decode, encoding_of
+from .fsutil import atomic_write
+from .patches import encoding_of, read_patch_file
 from .series import fetch_remote, parse_series_text
 from .settings import Settings
 
@@ -56,7 +56,6 @@ class _Planned:
 
     series: Series
     files: dict[Path, bytes]
-    series_text: str
     patches: tuple[VendoredPatch, ...]
 
 
@@ -73,15 +72,13 @@ def chosen_series(cfg: Config, names: Sequence[str], stack: str | None) -> list[
     return [cfg.series[n] for n in dict.fromkeys(names)]
 
 
-def _verified(settings: Settings, ref: PatchRef) -> bytes:
-    """The raw file as fetched; its decoded bytes must have the pinned sha256 (the cache is trusted
-    no more than the network)."""
-    raw = fetch_remote(settings, ref).read_bytes()
-    data = decode(raw, encoding_of(ref.name), str(ref.url))
-    if sha256(data) != ref.sha256:
-        raise PatchError(f"remote patch {ref.url} has sha256 {sha256(data)} after decoding, expected {ref.sha256}",
-                         where=ref.where, hint="refused: the file is not the one pinned; check the URL/mirror")
-    return raw
+def _verified(settings: Settings, series: Series, ref: PatchRef) -> tuple[bytes, bytes]:
+    """The raw file as fetched and its decoded bytes, read the way a stack reads a remote patch:
+    the pinned sha256 checked (the cache is trusted no more than the network) and the patch parsed."""
+    path = fetch_remote(settings, ref)
+    patch = read_patch_file(path, series=series.name, name=ref.name, strip=ref.strip if ref.strip is not None
+                            else series.strip, directory=series.directory, expect_sha256=ref.sha256, url=ref.url)
+    return path.read_bytes(), patch.data
 
 
 def _plan(settings: Settings, cfg: Config, series: Series, keep_encoding: bool) -> _Planned:
@@ -99,10 +96,9 @@ def _plan(settings: Settings, cfg: Config, series: Series, keep_encoding: bool) 
             name = ref.name
             lines.append(f"{name}{option}\n")
         else:
-            raw = _verified(settings, ref)
-            enc = encoding_of(ref.name)
-            name = ref.name if keep_encoding or not enc else plain_name(ref.name)
-            data = raw if keep_encoding or not enc else decode(raw, enc, str(ref.url))
+            raw, decoded = _verified(settings, series, ref)
+            name = ref.name if keep_encoding or not encoding_of(ref.name) else plain_name(ref.name)
+            data = raw if keep_encoding else decoded
             if "#" in str(ref.url) or "\n" in str(ref.url):
                 raise ConfigError(f"the URL {ref.url} cannot be kept as a comment in a series file", where=ref.where,
                                   hint="vendor this patch by hand")
@@ -130,7 +126,7 @@ def _plan(settings: Settings, cfg: Config, series: Series, keep_encoding: bool) 
                           hint="move the old series file away (stackbuild never overwrites one it did not write)")
     if not series.series_file.is_file():
         files[series.series_file] = text.encode()
-    return _Planned(series, files, text, tuple(done))
+    return _Planned(series, files, tuple(done))
 
 
 _HEADER = re.compile(r"^\s*\[\s*series\s*\.\s*(\"[^\"]+\"|'[^']+'|[A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
