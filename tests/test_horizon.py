@@ -79,8 +79,9 @@ def test_horizon_over_600_commits_within_the_probe_bound(tmp_path):
     assert h["probes"] <= 2 * h["bound"] + 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and h["plot"] == str(png)
 
+    # without --to: the upstream's HEAD (main here)
     table = CliRunner(mix_stderr=False).invoke(main, [
-        "--stack", str(p.stack_file), "--work-dir", str(tmp_path / "work"), "horizon", "lab", "--to", "main"])
+        "--stack", str(p.stack_file), "--work-dir", str(tmp_path / "work"), "horizon", "lab"])
     assert table.exit_code == 0, table.stderr
     assert f"the pin can move to {shas[249][:12]}" in table.stdout
     assert p.snapshot() == before and not (tmp_path / "work" / "lab").exists()  # nothing written, nothing checked out

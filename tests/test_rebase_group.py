@@ -276,3 +276,15 @@ def test_a_start_killed_while_setting_up_is_undone_by_the_next_run(tmp_path, mon
     assert code == 8 and "interrupted while it was starting; it has been undone" in err
     assert f.snapshot() == before and not f.wt("vllm").exists()
     assert not (tmp_path / "work" / "lab" / ".rebase").exists()
+
+
+def test_one_onto_with_a_source_name_is_the_single_source_rebase(tmp_path):
+    f = Fixture(tmp_path)
+    code, out, err = f.cli("rebase", "lab", "--onto", f"scaler={f.scaler_onto}")
+    assert code == 8, err
+    assert out["source"] == "scaler" and out["stopped_at"]["conflicted_files"] == ["s.txt"]  # a plain Report
+    assert not (tmp_path / "work/lab/.rebase/_group.json").exists() and not f.wt("vllm").exists()
+    code, out, err = f.cli("rebase", "--skip")
+    assert code == 0 and out["status"] == "finished", err
+    toml = f.stack_file.read_text()
+    assert f'commit = "{f.scaler_onto}"' in toml and f'commit = "{f.vllm_pin}"' in toml
