@@ -16,6 +16,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from click.testing import CliRunner
@@ -26,6 +27,7 @@ from builder.cli import main
 from builder.config import load_config
 from builder.errors import BuildError, EngineError, VerifyError
 from builder.settings import load_settings
+from conftest import unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -39,10 +41,8 @@ GIT_ENV = {
 }
 
 
-def _unavailable(reason: str):
-    if os.environ.get("STACKBUILD_REQUIRE_DOCKER"):
-        pytest.fail(f"STACKBUILD_REQUIRE_DOCKER is set but {reason}")
-    pytest.skip(reason)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable("STACKBUILD_REQUIRE_DOCKER", reason)
 
 
 @pytest.fixture(scope="session")
