@@ -267,7 +267,7 @@ def _check_template(k: _Keys, key: str, items: Sequence[str]) -> None:
             item.format_map(dummy)
         except (KeyError, ValueError, IndexError) as exc:
             raise k.error(key, f"'{item}' has an unknown placeholder or a stray brace ({exc})",
-                          hint=f"placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ for a brace")
+                          hint=f"placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ for a brace") from exc
 
 
 def _parse_canary(k: _Keys, index: int, raw: Any) -> Canary:

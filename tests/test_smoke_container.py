@@ -116,9 +116,9 @@ def test_dockerfile_brings_certs_wheelhouse_and_venv_on_path(tmp_path):
     text = smoke.container_dockerfile(sc, ["vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"])
     lines = text.splitlines()
     assert lines[:2] == ["FROM stackbuild/base:bookworm", "ARG PIP_INDEX_URL"]
-    assert f"COPY ca.pem {smoke.CONTAINER_CA}" in lines and any(l.startswith("ENV PIP_CERT=") for l in lines)
+    assert f"COPY ca.pem {smoke.CONTAINER_CA}" in lines and any(line.startswith("ENV PIP_CERT=") for line in lines)
     assert "ENV VIRTUAL_ENV=/opt/stackbuild/venv PATH=/opt/stackbuild/venv/bin:$PATH" in lines
-    install = next(l for l in lines if "/pip install " in l)
+    install = next(line for line in lines if "/pip install " in line)
     assert ("--find-links /opt/stackbuild/wheelhouse /opt/stackbuild/wheels/vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"
             " torch==2.13.0+cpu") in install
     assert "pip uninstall -y triton" in lines[-1]
