@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 from . import results as results_mod
 from . import tinymodel
 from .config import Config, ResolvedStack, deep_merge, thaw
-from .errors import ConfigError, SmokeError, VerifyError
+from .errors import ConfigError, SmokeError, StackbuildError, VerifyError
 from .fsutil import locked, sha256_file
 from .settings import Settings
 
@@ -1667,34 +1667,45 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
         timings: dict[str, float] = {}
         argv: list[str] = []
         failure: ServerFailed | None = None
+        # Anything else that broke the run or the stop (the engine failing a container's reload or
+        # removal): recorded like a failed check, then raised once the record is written.
+        broken: Exception | None = None
         server: Server | None = None
         chosen = _choose_port(sc, host, port)
         client = Client(f"http://{_url_host(host)}:{chosen}", sc.served_model_name, sc.request_timeout)
         with tempfile.TemporaryDirectory(prefix="stackbuild-smoke-run-") as run_dir:
             try:
-                say(f"starting {prep.profile.name} server on {host}:{chosen} (log: {log})")
-                server, argv = start_server(prep, host, chosen, Path(run_dir), log)
-                timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
-                say(f"ready after {timings['ready_s']:.1f} s; checking")
-                t_ready = time.perf_counter()
-                _c, metrics, spread, per_round = _checks_and_metrics(client, prep, server, checks)
-                timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
-                busy = client.busy(since=t_ready)
-                timings["requests_s"] = round(busy, 3)
-                timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
-            except ServerFailed as exc:
-                failure = exc
-                name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
-                checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
+                try:
+                    say(f"starting {prep.profile.name} server on {host}:{chosen} (log: {log})")
+                    server, argv = start_server(prep, host, chosen, Path(run_dir), log)
+                    timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
+                    say(f"ready after {timings['ready_s']:.1f} s; checking")
+                    t_ready = time.perf_counter()
+                    _c, metrics, spread, per_round = _checks_and_metrics(client, prep, server, checks)
+                    timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
+                    busy = client.busy(since=t_ready)
+                    timings["requests_s"] = round(busy, 3)
+                    timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
+                except ServerFailed as exc:
+                    failure = exc
+                    name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
+                    checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
+                except Exception as exc:
+                    broken = exc
+                    checks.append(CheckResult("run", False, f"the run broke off: {_short(exc)}"))
             finally:
                 if server is not None:
-                    server.stop()
+                    try:
+                        server.stop()
+                    except Exception as exc:  # KeyboardInterrupt still propagates, unrecorded
+                        broken = broken or exc
+                        checks.append(CheckResult("stop", False, f"stopping the server failed: {_short(exc)}"))
         gates = evaluate_gates(prof.gates, metrics, spread) if failure is None else []
         compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path),
                                      spread)
                     if baseline_data is not None and failure is None else [])
         all_checks = checks + gates + compared
-        verdict = "pass" if all(c.ok for c in all_checks) and failure is None else "fail"
+        verdict = "pass" if all(c.ok for c in all_checks) and failure is None and broken is None else "fail"
         record = {
             "schema": 1,
             "stack": stack,
@@ -1722,6 +1733,13 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
     if failure is not None:
         failure.where = f"{failure.where} (results: {result_path})"
         raise failure
+    if isinstance(broken, StackbuildError):
+        broken.where = f"{broken.where} (results: {result_path})" if broken.where else str(result_path)
+        raise broken
+    if broken is not None:
+        raise SmokeError(f"the smoke run of '{stack}' broke off: {_short(broken)}", where=str(result_path),
+                         hint="check the engine (`stackbuild doctor`); a server container left behind is listed by "
+                              "`docker ps -a --filter name=stackbuild-smoke-`") from broken
     if verdict != "pass":
         failed = [c.name for c in all_checks if not c.ok]
         raise SmokeFailed(f"stack '{stack}' failed {len(failed)} check(s): {', '.join(failed)}",

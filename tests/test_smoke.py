@@ -689,3 +689,39 @@ def test_the_served_wheel_is_found_by_its_normalized_name(tmp_path, name):
     sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
     prep = smoke.prepare(settings_for(tmp_path), sc, sc.profile(None), lambda _m: None)
     assert prep.expected_version == "0.32.0+cpu"
+
+
+@pytest.mark.parametrize("fails", ["stop", "exit_code"])
+def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_path, monkeypatch, fails):
+    # What docker's SDK raises when a container's reload or removal fails (409 while a removal is
+    # under way, 500 from a dying engine): injected around the real server, which really runs.
+    from dataclasses import replace
+
+    import docker.errors
+
+    real_start = smoke.start_server
+    pidfile = tmp_path / "pids.json"
+
+    def start_server(*args, **kwargs):
+        server, argv = real_start(*args, **kwargs)
+
+        def stop() -> None:
+            server.stop()
+            raise docker.errors.APIError("409 Client Error: Conflict (removal of container is already in progress)")
+
+        def exit_code() -> int | None:
+            if not _pids_written(pidfile):  # the engine dies once the server's tree is up
+                return server.exit_code()
+            raise docker.errors.APIError("500 Server Error: Internal Server Error (engine shutting down)")
+
+        return replace(server, **{fails: stop if fails == "stop" else exit_code}), argv
+
+    monkeypatch.setattr(smoke, "start_server", start_server)
+    with pytest.raises(SmokeError, match="broke off: APIError") as err:
+        run(tmp_path, pidfile=pidfile)
+    record = only_result(tmp_path)
+    assert record["verdict"] == "fail" and err.value.where.endswith(".json")
+    failed = [c for c in record["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == [{"stop": "stop", "exit_code": "run"}[fails]]
+    assert "APIError" in failed[0]["detail"]
+    assert_gone(pidfile)
