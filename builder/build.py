@@ -580,7 +580,8 @@ def build_inputs(
             log(f"also failed: {n}: {r}")
         if isinstance(first, StackbuildError):
             raise first
-        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
+        # Not one of ours (a bug, an OSError): the message stays one line, the cause keeps its traceback.
+        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}") from first
     done = cast("list[SourceResult]", [results[n] for n in order])  # every failure was raised above
     return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started)
 

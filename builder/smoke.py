@@ -855,7 +855,7 @@ def _docker():
         from .errors import EngineError
 
         raise EngineError(f"no Docker Engine reachable: {exc}", where="DOCKER_HOST",
-                          hint="start dockerd, or use runtime = \"venv\"") from None
+                          hint="start dockerd, or use runtime = \"venv\"") from exc
     return client
 
 
@@ -962,7 +962,7 @@ def run_in_image(image: str, command: Sequence[str], volumes: Mapping[str, Mappi
     except SmokeError:
         raise
     except Exception as exc:
-        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from None
+        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from exc
     finally:
         with _uninterruptible():
             _remove_container(client, name)
@@ -980,7 +980,7 @@ def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) 
             _remove_container(client, name)
         if isinstance(exc, Exception):
             raise SmokeError(f"cannot start the serving container: {_short(exc)}", where="[smoke.container]",
-                             hint="check devices, groups, the port and the image") from None
+                             hint="check devices, groups, the port and the image") from exc
         raise
 
     def pump() -> None:

@@ -372,3 +372,19 @@ command = "sleep 60"
         B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
     assert leftovers == []
     assert not (env / "dist" / "pair").exists()
+
+
+def test_an_unexpected_error_keeps_its_cause(engine, env, monkeypatch):
+    # The wheel cache cannot be written (here: a file where its folder goes): not an error of
+    # ours, so the one-line BuildError carries the OSError, traceback and all, as its cause.
+    beta_build = """[sources.beta.build]
+command = 'printf wheel > "$OUT/beta-1.0-py3-none-any.whl"'
+"""
+    stack_file = write_project(env / "p", beta_build=beta_build, extra_sources="[sources.alpha.build]\nskip = true\n")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(env / "cache"))
+    (env / "cache").mkdir()
+    (env / "cache" / "wheels").write_text("not a folder")
+    with pytest.raises(BuildError, match="building beta failed: NotADirectoryError") as err:
+        build(stack_file)
+    assert isinstance(err.value.__cause__, NotADirectoryError) and err.value.__cause__.__traceback__ is not None
+    assert not (env / "dist" / "pair").exists()
