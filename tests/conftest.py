@@ -61,7 +61,8 @@ class _SkipGuard:
             terminalreporter.section("skips refused", sep="=", red=True)
             for nodeid, reason in self.skipped:
                 terminalreporter.line(f"{nodeid}: {reason}")
-            terminalreporter.line(f"{len(self.skipped)} skipped while {' and '.join(self.demanded)} is set: failing the run")
+            verb = "is" if len(self.demanded) == 1 else "are"
+            terminalreporter.line(f"{len(self.skipped)} skipped while {' and '.join(self.demanded)} {verb} set: failing the run")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REQUIRE_VARS
+
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 SUITE = """
@@ -17,6 +19,13 @@ def test_runs():
 def test_skips():
     pytest.skip("no engine here")
 """
+
+
+@pytest.fixture(autouse=True)
+def nothing_required(monkeypatch):
+    """CI runs this file with both variables set; each test here sets what it is about."""
+    for var in REQUIRE_VARS:
+        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.fixture
@@ -38,7 +47,7 @@ def test_a_skip_fails_the_run_when_either_variable_is_set(suite, monkeypatch, va
 
 @pytest.mark.parametrize("value", ["", "0"])
 def test_skips_pass_when_nothing_is_required(suite, monkeypatch, value):
-    for var in ("STACKBUILD_REQUIRE_DOCKER", "STACKBUILD_REQUIRE_VLLM"):
+    for var in REQUIRE_VARS:
         monkeypatch.setenv(var, value)
     result = suite.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.OK
@@ -49,10 +58,12 @@ def test_skips_pass_when_nothing_is_required(suite, monkeypatch, value):
 def test_a_skipped_module_counts_too(pytester, monkeypatch):
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makepyfile(test_gone="import pytest\npytest.skip('no vllm', allow_module_level=True)\n")
-    monkeypatch.setenv("STACKBUILD_REQUIRE_VLLM", "yes")
+    for var in REQUIRE_VARS:
+        monkeypatch.setenv(var, "yes")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["*test_gone.py: no vllm"])
+    result.stdout.fnmatch_lines(["*test_gone.py: no vllm",
+                                 "1 skipped while STACKBUILD_REQUIRE_DOCKER and STACKBUILD_REQUIRE_VLLM are set: failing the run"])
 
 
 def test_unavailable_fails_instead_of_skipping_when_required(pytester, monkeypatch):
