@@ -1675,35 +1675,35 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
         client = Client(f"http://{_url_host(host)}:{chosen}", sc.served_model_name, sc.request_timeout)
         with tempfile.TemporaryDirectory(prefix="stackbuild-smoke-run-") as run_dir:
             try:
-                try:
-                    say(f"starting {prep.profile.name} server on {host}:{chosen} (log: {log})")
-                    server, argv = start_server(prep, host, chosen, Path(run_dir), log)
-                    timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
-                    say(f"ready after {timings['ready_s']:.1f} s; checking")
-                    t_ready = time.perf_counter()
-                    _c, metrics, spread, per_round = _checks_and_metrics(client, prep, server, checks)
-                    timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
-                    busy = client.busy(since=t_ready)
-                    timings["requests_s"] = round(busy, 3)
-                    timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
-                except ServerFailed as exc:
-                    failure = exc
-                    name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
-                    checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
-                except Exception as exc:
-                    broken = exc
-                    checks.append(CheckResult("run", False, f"the run broke off: {_short(exc)}"))
+                say(f"starting {prep.profile.name} server on {host}:{chosen} (log: {log})")
+                server, argv = start_server(prep, host, chosen, Path(run_dir), log)
+                timings["ready_s"] = round(wait_ready(server, client, prof.ready_timeout), 3)
+                say(f"ready after {timings['ready_s']:.1f} s; checking")
+                t_ready = time.perf_counter()
+                _c, metrics, spread, per_round = _checks_and_metrics(client, prep, server, checks)
+                timings["verdict_s"] = round(time.perf_counter() - t_ready, 3)
+                busy = client.busy(since=t_ready)
+                timings["requests_s"] = round(busy, 3)
+                timings["overhead_s"] = round(timings["verdict_s"] - busy, 3)
+            except ServerFailed as exc:
+                failure = exc
+                name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
+                checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
+            except Exception as exc:
+                broken = exc
+                checks.append(CheckResult("run", False, f"the run broke off: {_short(exc)}"))
             finally:
+                measured = failure is None and broken is None  # checks and bench ran to the end
                 if server is not None:
                     try:
                         server.stop()
                     except Exception as exc:  # KeyboardInterrupt still propagates, unrecorded
                         broken = broken or exc
                         checks.append(CheckResult("stop", False, f"stopping the server failed: {_short(exc)}"))
-        gates = evaluate_gates(prof.gates, metrics, spread) if failure is None else []
+        gates = evaluate_gates(prof.gates, metrics, spread) if measured else []
         compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path),
                                      spread)
-                    if baseline_data is not None and failure is None else [])
+                    if baseline_data is not None and measured else [])
         all_checks = checks + gates + compared
         verdict = "pass" if all(c.ok for c in all_checks) and failure is None and broken is None else "fail"
         record = {

@@ -718,10 +718,12 @@ def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_p
 
     monkeypatch.setattr(smoke, "start_server", start_server)
     with pytest.raises(SmokeError, match="broke off: APIError") as err:
-        run(tmp_path, pidfile=pidfile)
+        run(tmp_path, pidfile=pidfile, extra="[stacks.fake.smoke.gates]\noutput_throughput = 1\n")
     record = only_result(tmp_path)
     assert record["verdict"] == "fail" and err.value.where.endswith(".json")
     failed = [c for c in record["checks"] if not c["ok"]]
     assert [c["name"] for c in failed] == [{"stop": "stop", "exit_code": "run"}[fails]]
     assert "APIError" in failed[0]["detail"]
+    # Gates judge a finished bench only: one the engine broke off has nothing to judge.
+    assert ("gate:output_throughput" in [c["name"] for c in record["checks"]]) is (fails == "stop")
     assert_gone(pidfile)
