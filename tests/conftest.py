@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import NoReturn
@@ -66,6 +67,11 @@ class _SkipGuard:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background jobs with SIGINT ignored (POSIX, "Signals"),
+    # and an ignored signal stays ignored across exec: every CLI the Ctrl-C tests start would
+    # then shrug off their SIGINT. A handler of our own is reset to the default at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.pluginmanager.register(_SkipGuard([var for var in REQUIRE_VARS if required(var)]), "stackbuild-skip-guard")
 
 
