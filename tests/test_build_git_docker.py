@@ -8,7 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from builder.cli import main
+from builder.errors import SourceError, VerifyError
 from conftest import Upstream, sh
 from test_build_docker import build, engine, env, session_dir  # noqa: F401  (the session fixtures)
 
@@ -87,3 +90,35 @@ def test_tagged_git_source_and_a_given_version(engine, env):  # noqa: F811
     again = build(stack, "t")
     assert again["summary"]["built"] == ["tiny"]  # a new version is a new key
     assert again["wheels"][0]["file"] == "tinypkg-5.0-py3-none-any.whl"
+
+
+def test_only_builds_a_partial_dist_that_verify_refuses(engine, env):  # noqa: F811
+    """The other source's upstream does not even exist: a partial build never touches it."""
+    up = scm_upstream(env / "up")
+    stack = stack_for(env / "p", up, up.head())
+    stack.write_text(stack.read_text().replace("[stacks.t]", f"""[sources.tiny.build]
+needs = ["kernels"]
+
+[sources.kernels]
+url = "{env / 'no-such-repo'}"
+commit = "{'c' * 40}"
+
+[stacks.t]""").replace('sources = ["tiny"]', 'sources = ["tiny", "kernels"]'))
+    runner = CliRunner(mix_stderr=False)
+    result = runner.invoke(main, ["--stack", str(stack), "build", "t", "--only", "tiny", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "partial build: skipped kernels (not in --only); verify and smoke refuse it" in result.stdout
+    dist = env / "dist" / "t"
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert manifest["partial"] is True and manifest["skipped"] == [{"source": "kernels", "reason": "not in --only"}]
+    assert [s["name"] for s in manifest["sources"]] == ["tiny"]
+    assert manifest["sources"][0]["needs_skipped"] == ["kernels"] and manifest["sources"][0]["recipe"]["needs"] == []
+    refused = runner.invoke(main, ["verify", str(dist)])
+    assert refused.exit_code == VerifyError.exit_code
+    [line] = refused.stderr.strip().splitlines()
+    assert "manifest.json: verify refuses a partial build of 't' (skipped: kernels)" in line
+    # The same partial build again is a no-op; a full build still needs the missing upstream.
+    again = runner.invoke(main, ["--stack", str(stack), "--json", "build", "t", "--only", "tiny"])
+    assert json.loads(again.stdout)["summary"]["dist_reused"] is True
+    full = runner.invoke(main, ["--stack", str(stack), "build", "t"])
+    assert full.exit_code == SourceError.exit_code and "kernels" in full.stderr
