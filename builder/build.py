@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Collection, Mapping, Sequence
 
-from . import __version__, engine as engines, versions
+from . import __version__, engine as engines, versions, wheelcheck
 from .config import Config, ResolvedStack, Source, Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
                      redact_tree)
@@ -42,7 +42,10 @@ SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", 
 TAIL_LINES = 25
 BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
               "caches", "memory_gb", "disk_gb", "engines", "timeout"}
-SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version"}
+SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version", "compile_check",
+                     "import_check"}
+IMPORT_MODES = ("auto", "strict", "off")
+CHECKER = Path(wheelcheck.__file__)
 DEFAULT_COMMAND = 'python -m pip wheel --no-deps --use-pep517 -w "$OUT" .'
 CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
 
@@ -87,6 +90,8 @@ class SourceBuild:
     directory: str = ""
     skip: bool = False
     version: str | None = None  # overrides the version derived from a git pin (builder/versions.py)
+    compile_check: bool = True  # every module of the wheel byte-compiles (builder/wheelcheck.py)
+    import_check: str = "auto"  # auto | strict | off: importing the wheel's top packages
 
 
 def _strings(w: Where | None, key: str, value: Any) -> tuple[str, ...]:
@@ -210,6 +215,12 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
     directory = str(table.get("directory", "")).strip("/")
     if ".." in Path(directory).parts:
         raise _err(w, f"{key}.directory", "'directory' must stay inside the source")
+    compile_check = table.get("compile_check", True)
+    if not isinstance(compile_check, bool):
+        raise _err(w, f"{key}.compile_check", "'compile_check' must be true or false")
+    import_check = table.get("import_check", "auto")
+    if import_check not in IMPORT_MODES:
+        raise _err(w, f"{key}.import_check", f"'import_check' must be one of {', '.join(IMPORT_MODES)}, not {import_check!r}")
     version = table.get("version")
     if version is not None:
         problem = versions.check_version(version) if isinstance(version, str) else "'version' must be a string"
@@ -223,6 +234,8 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
         directory=directory,
         skip=bool(table.get("skip", False)),
         version=version,
+        compile_check=compile_check,
+        import_check=import_check,
     )
 
 
@@ -278,6 +291,7 @@ class PatchInput:
     data: bytes = field(repr=False, compare=False, default=b"")
     strip: int = 1
     directory: str = ""
+    paths: tuple[str, ...] = field(compare=False, default=())  # the files it changes, to name on a failed check
 
 
 @dataclass(frozen=True)
@@ -336,6 +350,8 @@ def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str 
         "recipe": recipe_identity(recipe, base_id),
         "build": {"command": spec.command, "env": source_env(recipe, spec), "requires": list(spec.requires),
                   "directory": spec.directory, "index": [recipe.index_url, *recipe.extra_index_urls]},
+        # A wheel that passed other checks (or none) has not passed these.
+        "checks": [spec.compile_check, spec.import_check, sha256(CHECKER.read_bytes())],
         "wheelhouse": wheelhouse if wheelhouse is not None else wheelhouse_listing(recipe),
         "needs": list(dep_keys),
     }
@@ -350,7 +366,8 @@ def redact(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _patch_inputs(patches) -> tuple[PatchInput, ...]:
-    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory) for p in patches)
+    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory,
+                            tuple(f"{p.directory}/{q}" if p.directory else q for q in p.paths)) for p in patches)
 
 
 def stack_inputs(settings: Settings, cfg: Config, stack_name: str, specs: Mapping[str, SourceBuild] | None = None,
@@ -410,6 +427,59 @@ class SourceResult:
     base_id: str | None
     log: Path | None
     engine: str
+    checks: tuple[Mapping[str, Any], ...] = ()
+
+
+def _check_report(blob: bytes) -> dict | None:
+    found = dict(engines.extract_files(blob, wheelcheck.REPORT))
+    try:
+        return json.loads(found[wheelcheck.REPORT]) if wheelcheck.REPORT in found else None
+    except ValueError:
+        return None
+
+
+def _check_summary(report: dict | None) -> list[dict]:
+    """Per wheel: how many modules byte-compiled, and each import's outcome in one line."""
+    if report is None:
+        return []
+    out = []
+    for entry in report.get("wheels", []):
+        item: dict[str, Any] = {"file": entry.get("file")}
+        if "compiled" in entry:
+            item["compiled"] = entry["compiled"]
+        if "imports" in entry:
+            item["imports"] = [{"module": i["module"], "status": i["status"],
+                                **({} if i["status"] == "ok" else {"reason": f"{i.get('type')}: {i.get('message')}"})}
+                               for i in entry["imports"]]
+        out.append(item)
+    return out
+
+
+def _check_failure(name: str, report: dict, item: BuildInput, log_path: Path) -> BuildError:
+    """The first finding, as file:line, with the patches of this source that touch that file."""
+    for entry in report.get("wheels", []):
+        errors = entry.get("compile_errors") or []
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            message = (f"{name}: {first['file']}:{first['line']}: {first['type']}: {first['message']}{more} — "
+                       f"the wheel {entry['file']} does not byte-compile")
+            return BuildError(message, where=str(log_path), hint=_touching(item, first["file"]))
+        for imp in entry.get("imports") or []:
+            if imp["status"] == "failed":
+                at = imp.get("where") or {}
+                place = f"{at['file']}:{at['line']}: " if at.get("file") else ""
+                message = f"{name}: {place}import {imp['module']} failed: {imp['type']}: {imp['message']}"
+                return BuildError(message, where=str(log_path), hint=_touching(item, at.get("file")))
+    return BuildError(f"{name}: the wheel check failed", where=str(log_path))
+
+
+def _touching(item: BuildInput, wheel_path: str | None) -> str:
+    patches = [p.name for p in item.patches if wheel_path and any(
+        path == wheel_path or path.endswith("/" + wheel_path) for path in p.paths)]
+    if patches:
+        return f"the file is changed by {', '.join(patches)}; fix the patch, or set compile_check/import_check"
+    return f"fix the source or its patches, or set compile_check / import_check in [sources.{item.source.name}.build]"
 
 
 def _wheel_meta(filename: str) -> tuple[str, str]:
@@ -447,6 +517,9 @@ def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool, *, version: 
         spec.command,
         'ls "$OUT"/*.whl >/dev/null 2>&1 || { echo "stackbuild: the command made no wheel in $OUT" >&2; exit 3; }',
     ]
+    if spec.compile_check or spec.import_check != "off":
+        lines.append(f'python {INSIDE}/wheelcheck.py "$OUT" {"compile" if spec.compile_check else "no-compile"} '
+                     f'{spec.import_check}')
     return "\n".join(lines) + "\n"
 
 
@@ -458,10 +531,10 @@ def _input_tar(tree: bytes, script: str, recipe: Recipe, deps: Sequence[Path]) -
             for member in src.getmembers():
                 member.name = f"{INSIDE.lstrip('/')}/src/{member.name}"
                 tar.addfile(member, src.extractfile(member) if member.isfile() else None)
-        info = tarfile.TarInfo(f"{INSIDE.lstrip('/')}/build.sh")
-        data = script.encode()
-        info.size, info.mode = len(data), 0o755
-        tar.addfile(info, io.BytesIO(data))
+        for name, data, mode in (("build.sh", script.encode(), 0o755), ("wheelcheck.py", CHECKER.read_bytes(), 0o644)):
+            info = tarfile.TarInfo(f"{INSIDE.lstrip('/')}/{name}")
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
         if recipe.ca_bundle is not None:
             tar.add(str(recipe.ca_bundle), arcname=f"{INSIDE.lstrip('/')}/certs/ca.pem")
         if recipe.wheelhouse is not None:
@@ -622,7 +695,10 @@ def build_inputs(
             except TimeoutError as exc:
                 raise BuildError(f"building {name} timed out: {exc}", where=str(progress.path),
                                  hint="raise build.timeout, or lower MAX_JOBS if the host is swapping") from None
+            report = _check_report(blob)
             if code != 0:
+                if code == wheelcheck.FAILED and report is not None and not report.get("ok", True):
+                    raise _check_failure(name, report, job.item, progress.path)
                 for line in [f"--- last {len(progress.tail)} lines of {progress.path} ---", *progress.tail]:
                     log(line)
                 raise BuildError(f"building {name} failed with exit code {code}", where=str(progress.path),
@@ -631,6 +707,7 @@ def build_inputs(
             meta = _store(settings, key, wheels, {
                 "source": name, "key": key, "commit": commit, "image_id": image, "base_id": base_id,
                 "env": redact(env), "seconds": round(time.monotonic() - t0, 3), "engine": eng.name,
+                "checks": _check_summary(report),
             })
         finally:
             progress.close()
@@ -656,6 +733,7 @@ def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, e
         source=name, key=key, cached=cached, seconds=0.0 if cached else float(meta["seconds"]),
         wheels=tuple(WheelFile(w["file"], w["sha256"], w["name"], w["version"]) for w in meta["wheels"]),
         image_id=meta["image_id"], base_id=meta["base_id"], log=log_path, engine=eng.name,
+        checks=tuple(meta.get("checks", [])),
     )
 
 
@@ -737,6 +815,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "image": {"id": result.image_id, "base": recipe.base, "base_id": result.base_id},
                 "env": redact(source_env(recipe, spec)),
                 "wheels": [w.file for w in result.wheels],
+                "checks": list(result.checks),
                 "seconds": result.seconds,
                 "cached": result.cached,
                 "engine": result.engine,

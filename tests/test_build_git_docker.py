@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder.cli import main
-from builder.errors import SourceError, VerifyError
+from builder.errors import BuildError, SourceError, VerifyError
 from conftest import Upstream, sh
 from test_build_docker import build, engine, env, session_dir  # noqa: F401  (the session fixtures)
 
@@ -122,3 +122,24 @@ commit = "{'c' * 40}"
     assert json.loads(again.stdout)["summary"]["dist_reused"] is True
     full = runner.invoke(main, ["--stack", str(stack), "build", "t"])
     assert full.exit_code == SourceError.exit_code and "kernels" in full.stderr
+
+
+def test_a_patch_leaving_a_syntax_error_fails_naming_file_and_line(engine, env):  # noqa: F811
+    up = scm_upstream(env / "up")
+    pin = up.head()
+    broken = up.format_patch({"tinypkg/core.py": "def answer():\n    return 42\n\ndef more(:\n    return 1\n"},
+                             "tinypkg: add more()").decode()
+    stack = stack_for(env / "p", up, pin, {"0001-more.patch": broken})
+    result = CliRunner(mix_stderr=False).invoke(main, ["--stack", str(stack), "build", "t", "--quiet"])
+    assert result.exit_code == BuildError.exit_code, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "tiny: tinypkg/core.py:4: SyntaxError:" in line, line
+    assert "does not byte-compile" in line and "tiny/0001-more.patch" in line
+    assert not (env / "dist" / "t").exists()
+    # The fixed patch builds, and the manifest says what was checked.
+    fixed = up.format_patch({"tinypkg/core.py": "def answer():\n    return 42\n\ndef more():\n    return 1\n"},
+                            "tinypkg: add more()").decode()
+    (env / "p" / "patches" / "tiny" / "0001-more.patch").write_text(fixed)
+    manifest = build(stack, "t")
+    [checks] = manifest["sources"][0]["checks"]
+    assert checks["compiled"] == 2 and checks["imports"] == [{"module": "tinypkg", "status": "ok"}]
