@@ -389,9 +389,11 @@ def stack_inputs(settings: Settings, cfg: Config, stack_name: str, specs: Mappin
     items = []
     for src in prep.stack.sources:
         synced = prep.synced[src.name]
-        given = (specs.get(src.name) or parse_source_build(src, cfg.where)).version
+        spec = specs.get(src.name) or parse_source_build(src, cfg.where)
+        # A source without a wheel of its own (skip = true) needs no version, nor its tags listed.
+        version = None if spec.skip else versions.for_source(settings, src, synced.git_dir, synced.commit, spec.version)
         items.append(BuildInput(src, synced.git_dir, synced.commit, _patch_inputs(prep.patches[src.name]),
-                                version=versions.for_source(settings, src, synced.git_dir, synced.commit, given)))
+                                version=version))
     applied: dict[str, str] = {}
     lock = threading.Lock()
 
