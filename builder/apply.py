@@ -300,7 +300,6 @@ class Engine:
         self.fuzz = fuzz
         self.cat = CatFile(git_dir)
         self.entries: dict[str, _Entry] = {}
-        self.entries: dict[str, _Entry] = {}
         self.dirs: set[str] = set()
         self._list(paths)
         self.files: dict[str, _FileState] = {}
@@ -1169,7 +1168,8 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
         prep = prepare(settings, config, name, progress=progress)
         state = read_state(settings, name)
         branch = branch_of(name)
-        plans = []
+        # (source, worktree, its head now, replay or None when unchanged, digest, journal, recorded head)
+        plans: list[tuple[Source, Path, str | None, Replay | None, str, Journal | None, str | None]] = []
         for src in prep.stack.sources:
             wt = root / src.name
             _refuse_during_rebase(root, name, src.name)
@@ -1183,8 +1183,8 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                     and not force and journal is None):
                 plans.append((src, wt, current, None, digest, None, recorded.get("head")))
                 continue
-            result = _replay_source(prep, src.name, allow_fuzz=allow_fuzz)
-            plans.append((src, wt, current, result, digest, journal, recorded.get("head")))
+            replay = _replay_source(prep, src.name, allow_fuzz=allow_fuzz)
+            plans.append((src, wt, current, replay, digest, journal, recorded.get("head")))
         reports = []
         error = None
         with deferred_interrupts():
@@ -1207,7 +1207,7 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
                     action, backup = "unchanged", Backup()
                     record()
                 else:
-                    action, backup = journaled_move(root, src.name, synced.git_dir, wt, branch, current, head, force=force,
+                    action, backup = journaled_move(root, src.name, synced.git_dir, wt, branch, current, result.head, force=force,
                                                     journal=journal, recorded=recorded, record=record)
                 reports.append(SourceApply(src.name, wt, synced.commit, str(head), result, action, backup))
                 if result is not None and error is None and result.first_failure is not None:
@@ -1220,7 +1220,7 @@ def record_worktree(root: Path, source: str, *, git_dir: Path, base: str, head: 
     folder ROOT, so the next apply moves it without --force. No digest: that apply replays the
     exported files."""
     path = root / STATE_FILE
-    state = json.loads(path.read_text()) if path.is_file() else {"stack": root.name, "sources": {}}
+    state: dict = json.loads(path.read_text()) if path.is_file() else {"stack": root.name, "sources": {}}
     state["sources"][source] = {"git_dir": str(git_dir), "base": base, "head": head, "digest": None, "patches": []}
     atomic_write(path, json.dumps(state, indent=2).encode())
 

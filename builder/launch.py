@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 INTERRUPTED_LINE = b"stackbuild: interrupted error: interrupted (hint: nothing was started; run the command again)\n"
 
@@ -32,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

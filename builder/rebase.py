@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 from . import apply, sources
 from .config import Config, ResolvedStack, Source
@@ -623,7 +623,8 @@ def _breaking(history: History, k: int) -> Upstream | None:
 
 
 def _export(state: State):
-    current = {tuple(k.split("/", 1)): base64.b64decode(v) for k, v in state.current.items()}
+    # Keys are "series/name", as the state was written.
+    current = cast("dict[tuple[str, str], bytes]", {tuple(k.split("/", 1)): base64.b64decode(v) for k, v in state.current.items()})
     try:
         result = plan_export(
             git_dir=Path(state.git_dir), base=state.onto, head=state.head, root=Path(state.root),
@@ -760,7 +761,7 @@ def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch], resolved: Res
     if bad:
         raise RebaseError(f"{bad[0].patch.series}/{bad[0].patch.name} does not apply at the current pin ({bad[0].outcome})",
                           hint="fix the series at its own pin first (`stackbuild check`), then rebase")
-    return tuple(Item(r.patch.series, r.patch.name, r.commit) for r in replay.results)
+    return tuple(Item(r.patch.series, r.patch.name, r.commit) for r in replay.results if r.commit)  # all, after `bad`
 
 
 def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> Plan:

@@ -19,7 +19,7 @@ class _Console(Console):
     """A terminal's own width; anything else is never wrapped (rich would assume 80 columns).
     Decided at each print: the stream may be swapped after import (tests, redirection)."""
 
-    @property
+    @property  # type: ignore[misc]  # read-only on purpose: nothing here sets a console's size
     def size(self) -> ConsoleDimensions:
         if self.is_terminal:
             return super().size

@@ -108,7 +108,7 @@ def throughput_figure(points: Sequence[Mapping[str, Any]], stack: str):
             top = max(top, *(y + h for y, h in zip(ys, highs)))
         bad = [(index[id(r)], r["metrics"]["output_throughput"]) for r in mine if r.get("verdict") != "pass"]
         if bad:
-            ax.scatter(*zip(*bad), marker="x", s=80, color="red", zorder=3, label=f"{profile} failed run")
+            ax.scatter([x for x, _ in bad], [y for _, y in bad], marker="x", s=80, color="red", zorder=3, label=f"{profile} failed run")
     ax.set_title(f"stackbuild smoke: {stack}")
     ax.set_ylabel("tokens/s")
     ax.set_xlabel("run (UTC)")

@@ -160,7 +160,7 @@ def load_series(settings: Settings, series: Series, *, tolerant: bool = False) -
 
 def describe_series(settings: Settings, series: Series) -> list[dict]:
     """Each entry of a series as a listing shows it; remote patches are not fetched for this."""
-    rows = []
+    rows: list[dict] = []
     for ref in series_refs(series):
         if ref.remote:
             cached = settings.patch_cache / str(ref.sha256) / Path(ref.name).name

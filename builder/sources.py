@@ -99,7 +99,10 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
         return Synced(source, git_dir, commit, fetched=known is None)
     git_dir = mirror_path(settings, source)
     sha = str(source.commit)
-    if (git_dir / "HEAD").is_file() and has_commit(git_dir, sha):
+    # With submodules the pin is complete only once they all are: a sync that failed on one must
+    # be retried by the next, not skipped because the superproject's commit is there.
+    complete = f"refs/stackbuild/synced/{sha}" if source.submodules else sha
+    if (git_dir / "HEAD").is_file() and has_commit(git_dir, complete):
         return Synced(source, git_dir, sha, fetched=False)
     with _mirror_lock(settings, git_dir, source):
         _init_mirror(git_dir)
@@ -124,6 +127,8 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
         git(["update-ref", f"refs/stackbuild/pins/{sha}", sha], git_dir=git_dir)
     if source.submodules:
         sync_submodules(settings, source, git_dir, sha, progress=progress)
+        with _mirror_lock(settings, git_dir, source):
+            git(["update-ref", complete, sha], git_dir=git_dir)
     return Synced(source, git_dir, sha, fetched=True)
 
 

@@ -147,6 +147,13 @@ def check(out_dir: Path, *, compile_modules: bool, import_mode: str) -> dict:
     report: dict = {"wheels": [], "ok": True}
     for wheel in sorted(out_dir.glob("*.whl")):
         entry: dict = {"file": wheel.name}
+        if not zipfile.is_zipfile(wheel):
+            entry["compiled"] = 0
+            entry["compile_errors"] = [{"file": wheel.name, "line": None, "type": "BadZipFile",
+                                        "message": "the wheel is not a zip archive", "text": ""}]
+            report["ok"] = False
+            report["wheels"].append(entry)
+            continue
         if compile_modules:
             entry["compiled"], entry["compile_errors"] = compile_wheel(wheel)
             if entry["compile_errors"]:
@@ -159,6 +166,10 @@ def check(out_dir: Path, *, compile_modules: bool, import_mode: str) -> dict:
     return report
 
 
+def location(error: dict) -> str:
+    return f"{error['file']}:{error['line']}" if error.get("line") else str(error["file"])
+
+
 def describe(report: dict) -> list[str]:
     """One line per finding, for the build log."""
     lines = []
@@ -168,7 +179,7 @@ def describe(report: dict) -> list[str]:
             lines.append(f"stackbuild: {entry['file']}: {entry['compiled']} modules byte-compile"
                          + (f", {len(bad)} do not" if bad else ""))
             for e in bad[:MAX_ERRORS]:
-                lines.append(f"stackbuild:   {e['file']}:{e['line']}: {e['type']}: {e['message']}")
+                lines.append(f"stackbuild:   {location(e)}: {e['type']}: {e['message']}")
         for i in entry.get("imports", []):
             detail = "" if i["status"] == "ok" else f" ({i['type']}: {i['message']})"
             lines.append(f"stackbuild: {entry['file']}: import {i['module']}: {i['status']}{detail}")

@@ -3,20 +3,83 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
+# tests/test_require_guard.py runs pytest on small suites of its own to prove the skip guard below.
+pytest_plugins = ["pytester"]
+
 FIXED_DATE = "1700000000 +0000"
+# CI sets these so that a tier it paid for cannot quietly skip.
+REQUIRE_VARS = ("STACKBUILD_REQUIRE_DOCKER", "STACKBUILD_REQUIRE_VLLM")
+
+
+def required(var: str) -> bool:
+    """Whether VAR demands its tier: set to anything but empty or "0"."""
+    return os.environ.get(var, "") not in ("", "0")
+
+
+def unavailable(var: str, reason: str) -> NoReturn:
+    """Skip for REASON, or fail when VAR says this tier must run."""
+    if required(var):
+        pytest.fail(f"{var} is set but {reason}")
+    pytest.skip(reason)
+
+
+class _SkipGuard:
+    """Any skip (of a test or a whole module) fails the run while a REQUIRE variable is set.
+
+    A skip nobody asked for is how a paid-for tier silently stops running: the per-test
+    `unavailable` calls cover the known ones, this covers every other skip.
+    """
+
+    def __init__(self, demanded: list[str]) -> None:
+        self.demanded = demanded
+        self.skipped: list[tuple[str, str]] = []
+
+    def _note(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            longrepr = report.longrepr
+            reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            self.skipped.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._note(report)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._note(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.demanded and self.skipped and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.demanded and self.skipped:
+            terminalreporter.section("skips refused", sep="=", red=True)
+            for nodeid, reason in self.skipped:
+                terminalreporter.line(f"{nodeid}: {reason}")
+            verb = "is" if len(self.demanded) == 1 else "are"
+            terminalreporter.line(f"{len(self.skipped)} skipped while {' and '.join(self.demanded)} {verb} set: failing the run")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background jobs with SIGINT ignored (POSIX, "Signals"),
+    # and an ignored signal stays ignored across exec: every CLI the Ctrl-C tests start would
+    # then shrug off their SIGINT. A handler of our own is reset to the default at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    config.pluginmanager.register(_SkipGuard([var for var in REQUIRE_VARS if required(var)]), "stackbuild-skip-guard")
 
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path_factory.mktemp("home")
     for key in list(os.environ):
-        if key.startswith(("GIT_", "STACKBUILD_")) and key not in ("STACKBUILD_REQUIRE_DOCKER", "STACKBUILD_REQUIRE_VLLM",
-                                                                  "STACKBUILD_VLLM_VENV", "STACKBUILD_BASE_IMAGE",
+        if key.startswith(("GIT_", "STACKBUILD_")) and key not in (*REQUIRE_VARS, "STACKBUILD_VLLM_VENV", "STACKBUILD_BASE_IMAGE",
                                                                   "STACKBUILD_WHEELHOUSE", "STACKBUILD_TEST_CACHE"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(home))

@@ -57,7 +57,10 @@ def test_refs_of_a_deleted_work_dir_are_pruned(tmp_path: Path, upstream: Upstrea
     assert apply(root, one)[0] == 0
     assert apply(root, two)[0] == 0
     mirror = mirror_of(one)
-    refs = lambda: sh("git", f"--git-dir={mirror}", "for-each-ref", "--format=%(refname)", "refs/stackbuild/applied/").split()
+
+    def refs() -> list[str]:
+        return sh("git", f"--git-dir={mirror}", "for-each-ref", "--format=%(refname)", "refs/stackbuild/applied/").split()
+
     assert len(refs()) == 2
     shutil.rmtree(one)
     (root / "patches/s1/one.patch").write_bytes(upstream.diff({"a.txt": body(l5="FIVE")}))

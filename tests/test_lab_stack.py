@@ -19,12 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_lab_stacks_resolve():
     config = load_config(ROOT / "stack.toml")
     assert set(config.stacks) >= {"baseline", "turboquant", "cpu-kv", "research"}
+    # The pins' form, not their values: a rebase of the root stack moves them.
     pins = {n: s.commit for n, s in config.sources.items()}
-    assert pins == {
-        "vllm": "c51df43005726a09c6eb7348e8c1b00501c70a8e",
-        "llm-scaler": "4bfc0070090cc54afdb2d46b8e57882359141568",
-        "vllm-xpu-kernels": "28e1f5e74c15744b69cf3b760f6160ceabd15de0",
-    }
+    assert set(pins) == {"vllm", "llm-scaler", "vllm-xpu-kernels"}
+    assert all(SHA_RE.match(pin or "") for pin in pins.values()), pins
     assert config.sources["vllm-xpu-kernels"].submodules
     layers = {name: [s.name for s in config.stack(name).series] for name in config.stacks}
     assert layers["baseline"] == ["promoted-vllm", "promoted-esimd"]

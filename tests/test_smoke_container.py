@@ -10,7 +10,7 @@ import docker.errors
 import pytest
 
 from builder import smoke
-from builder.errors import ConfigError, SmokeError
+from builder.errors import ConfigError, EngineError, SmokeError
 from smoketools import hermetic_env, load, settings_for
 
 STACK = """
@@ -116,9 +116,9 @@ def test_dockerfile_brings_certs_wheelhouse_and_venv_on_path(tmp_path):
     text = smoke.container_dockerfile(sc, ["vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"])
     lines = text.splitlines()
     assert lines[:2] == ["FROM stackbuild/base:bookworm", "ARG PIP_INDEX_URL"]
-    assert f"COPY ca.pem {smoke.CONTAINER_CA}" in lines and any(l.startswith("ENV PIP_CERT=") for l in lines)
+    assert f"COPY ca.pem {smoke.CONTAINER_CA}" in lines and any(line.startswith("ENV PIP_CERT=") for line in lines)
     assert "ENV VIRTUAL_ENV=/opt/stackbuild/venv PATH=/opt/stackbuild/venv/bin:$PATH" in lines
-    install = next(l for l in lines if "/pip install " in l)
+    install = next(line for line in lines if "/pip install " in line)
     assert ("--find-links /opt/stackbuild/wheelhouse /opt/stackbuild/wheels/vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"
             " torch==2.13.0+cpu") in install
     assert "pip uninstall -y triton" in lines[-1]
@@ -152,9 +152,17 @@ def test_engine_refusing_to_start_is_one_smoke_error_and_leaves_nothing(tmp_path
     sc = config(tmp_path)
     engine = FakeEngine(interrupt=docker.errors.APIError("port is already allocated"))
     monkeypatch.setattr(smoke, "_docker", lambda: engine)
-    with pytest.raises(SmokeError, match="cannot start the serving container: APIError: port is already allocated"):
+    with pytest.raises(SmokeError, match="cannot start the serving container: APIError: port is already allocated") as err:
         smoke.start_container(sc, {"image": "img:1", "command": ["x"]}, tmp_path / "log")
     assert engine.containers_by_name == {}
+    assert isinstance(err.value.__cause__, docker.errors.APIError)  # kept for whoever debugs it
+
+
+def test_no_engine_keeps_the_sdk_error_as_the_cause(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/stackbuild-smoke.sock")
+    with pytest.raises(EngineError, match="no Docker Engine reachable") as err:
+        smoke._docker()
+    assert isinstance(err.value.__cause__, docker.errors.DockerException)
 
 
 def test_stop_removes_the_container_once_and_a_lost_container_counts_as_exited(tmp_path, monkeypatch):
@@ -175,6 +183,11 @@ def test_one_off_container_is_removed_also_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(SmokeError, match=r"generating the model in the serving image failed \(exit 3\): boom"):
         smoke.run_in_image("img:1", ["python", "x"], {}, "generating the model")
     assert engine.containers_by_name == {}
+    refusing = FakeEngine(interrupt=docker.errors.APIError("no such device /dev/dri"))
+    monkeypatch.setattr(smoke, "_docker", lambda: refusing)
+    with pytest.raises(SmokeError, match="generating the model in the serving image failed: APIError") as err:
+        smoke.run_in_image("img:1", ["python", "x"], {}, "generating the model")
+    assert isinstance(err.value.__cause__, docker.errors.APIError) and refusing.containers_by_name == {}
 
 
 def test_serving_image_is_built_once_per_content_key(tmp_path, monkeypatch):

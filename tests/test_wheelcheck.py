@@ -76,6 +76,14 @@ def test_import_outcomes(tmp_path, init, status, kind):
     assert strict[0] == W.FAILED
 
 
+def test_a_wheel_that_is_no_zip_fails(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x-1-py3-none-any.whl").write_text("not a zip")
+    code, report, stdout = run(tmp_path / "out", "no-compile", "off")
+    assert code == W.FAILED and report["wheels"][0]["compile_errors"][0]["type"] == "BadZipFile"
+    assert "  x-1-py3-none-any.whl: BadZipFile: the wheel is not a zip archive" in stdout
+
+
 def test_import_only(tmp_path):
     wheel(tmp_path / "out", "pkg", {"pkg/__init__.py": "x = 1\n", "pkg/broken_but_unimported.py": "def (\n"})
     code, report, _ = run(tmp_path / "out", "no-compile", "auto")

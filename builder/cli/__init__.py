@@ -36,7 +36,9 @@ def json_option(f: Callable) -> Callable:
 
     def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
         if value:
-            ctx.find_object(Context).as_json = True
+            obj = ctx.find_object(Context)
+            assert obj is not None, "the main group makes the Context"
+            obj.as_json = True
         return value
 
     return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=set_json,

@@ -57,7 +57,7 @@ def series_cmd(ctx: Context) -> None:
     def go() -> dict:
         config = ctx.config()
         settings = ctx.settings(config)
-        out = {"series": [], "stacks": []}
+        out: dict[str, list] = {"series": [], "stacks": []}
         for s in config.series.values():
             out["series"].append({
                 "name": s.name, "source": s.source, "directory": s.directory, "strip": s.strip, "fuzz": s.fuzz,
