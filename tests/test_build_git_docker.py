@@ -133,6 +133,7 @@ def test_a_patch_leaving_a_syntax_error_fails_naming_file_and_line(engine, env):
     result = CliRunner(mix_stderr=False).invoke(main, ["--stack", str(stack), "build", "t", "--quiet"])
     assert result.exit_code == BuildError.exit_code, result.output
     [line] = result.stderr.strip().splitlines()
+    print(line)
     assert "tiny: tinypkg/core.py:4: SyntaxError:" in line, line
     assert "does not byte-compile" in line and "tiny/0001-more.patch" in line
     assert not (env / "dist" / "t").exists()
