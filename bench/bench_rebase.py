@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from builder import bisect as bs  # noqa: E402
 from builder import horizon as hz  # noqa: E402
 from builder import rebase as rb  # noqa: E402
 from builder.config import load_config  # noqa: E402
@@ -221,8 +222,8 @@ def main() -> None:
 
         # warm the mirror once (a fetch is not what we measure)
         _, cfg0, settings0 = fresh(0)
-        report = rb.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
-        mirror = rb.sources.sync(settings0, cfg0.sources["vllm"]).git_dir
+        report = bs.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
+        mirror = bs.sources.sync(settings0, cfg0.sources["vllm"]).git_dir
         found = {b.name: b.commit.sha for b in report.patches if b.commit}
         expected = {names[k]: shas[i] for k, i in breaks.items()}
         assert found == expected, (found, expected)
@@ -230,7 +231,7 @@ def main() -> None:
         assert all(b.probes <= report.bound for b in report.patches)
 
         def ours_bisect() -> None:
-            rb.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
+            bs.bisect_stack(settings0, cfg0, "lab", "vllm", ref)
 
         def hand_bisect() -> None:
             wt = tmp / "bisect-wt"

@@ -1,4 +1,4 @@
-"""The apply engine: patches become commits without touching a worktree, refs move last.
+"""The apply replayer: patches become commits without touching a worktree, refs move last.
 
 Blobs are read through one `git cat-file --batch`, hunks are applied in Python with `git apply`'s
 own matching rules (exact context, offsets searched nearest-first, anchoring at the beginning and
@@ -26,7 +26,7 @@ from .config import Config, ResolvedStack, Source
 from .duplicates import Duplicate, find_duplicates
 from .errors import ApplyError, LockError, PatchError, StackbuildError
 from .fsutil import atomic_write, deferred_interrupts, locked, sha256
-from .git import EMAIL, EPOCH, IDENTITY, CatFile, fast_import, git, hint_for, out
+from .git import EMAIL, EPOCH, IDENTITY, TRAILER, CatFile, fast_import, git, hint_for, out
 from .patches import FileDiff, Hunk, Patch, invalid_path, split_lf
 from .series import load_stack_patches, stack_patch_digests
 from .settings import Settings
@@ -35,7 +35,6 @@ from .sources import Synced, fetch_ref, sync
 CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT = "clean", "offset", "fuzz", "3way", "already-applied", "conflict"
 MALFORMED = "malformed"  # the patch cannot be read, or no tree may hold what it writes: no git would take it
 OUTCOMES = (CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT, MALFORMED)
-TRAILER = "Stackbuild-Patch"
 ENGINE_VERSION = "1"  # part of every digest: a change in how commits are made must not reuse old ones
 DEFAULT_FUZZ = 2
 
@@ -290,7 +289,7 @@ def author_line(patch: Patch) -> str:
     return f"{name} <{email}> {h.date or EPOCH}"
 
 
-class Engine:
+class Replayer:
     """One replay of patches over one base commit in one repository."""
 
     def __init__(self, git_dir: Path, base: str, *, fuzz: int = 0, overlaps: bool = False,
@@ -625,20 +624,20 @@ def replay(git_dir: Path, base: str, patches: Sequence[Patch], *, fuzz: int = 0,
     With WRITE false only verdicts are wanted (check): commits are written only where a patch
     has to go through git (three-way, binary), and the head is then the last one written.
     """
-    engine = Engine(git_dir, base, fuzz=fuzz, overlaps=overlaps, paths={p for patch in patches for p in patch.paths})
+    replayer = Replayer(git_dir, base, fuzz=fuzz, overlaps=overlaps, paths={p for patch in patches for p in patch.paths})
     try:
         results: list[PatchResult] = []
         for patch in patches:
-            result = engine.step(patch, fuzz=max(fuzz, fuzz_for(patch)) if fuzz_for else None)
+            result = replayer.step(patch, fuzz=max(fuzz, fuzz_for(patch)) if fuzz_for else None)
             results.append(result)
             if not result.ok and stop_at_failure:
                 break
         if write:
-            engine.flush()
-        results = [replace(r, commit=engine.commits.get(id(r.patch))) for r in results]
-        return Replay(engine.base, engine.head, tuple(results), tuple(_merge_overlaps(engine.overlaps or [])))
+            replayer.flush()
+        results = [replace(r, commit=replayer.commits.get(id(r.patch))) for r in results]
+        return Replay(replayer.base, replayer.head, tuple(results), tuple(_merge_overlaps(replayer.overlaps or [])))
     finally:
-        engine.close()
+        replayer.close()
 
 
 def _merge_overlaps(found: list[Overlap]) -> list[Overlap]:
@@ -809,6 +808,19 @@ STATE_FILE = "stackbuild-state.json"
 
 def stack_dir(settings: Settings, stack: str) -> Path:
     return settings.work_dir / stack
+
+
+def state_dir_for(work_dir: Path, stack: str) -> Path:
+    return work_dir / stack / ".rebase"
+
+
+def rebase_state_path(state_dir: Path, source: str) -> Path:
+    return state_dir / f"{source}.json"
+
+
+def sources_in_progress(state_dir: Path) -> list[str]:
+    # A source name never starts with "_" (config.NAME_RE): such files belong to a multi-source rebase.
+    return sorted(p.stem for p in state_dir.glob("*.json") if not p.name.startswith("_")) if state_dir.is_dir() else []
 
 
 def branch_of(stack: str) -> str:
@@ -1149,7 +1161,6 @@ def journaled_move(root: Path, source: str, git_dir: Path, wt: Path, branch: str
 
 
 def _refuse_during_rebase(root: Path, stack: str, source: str) -> None:
-    from .rebase import sources_in_progress, state_dir_for  # rebase builds on this module
     state_dir = state_dir_for(root.parent, stack)
     if source in sources_in_progress(state_dir):
         raise ApplyError(f"a rebase of '{source}' is in progress in this work directory", where=str(state_dir / f"{source}.json"),

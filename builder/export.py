@@ -19,12 +19,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import tomlkit
 
-from .apply import TRAILER
+from . import apply, sources
+from .apply import rebase_state_path, state_dir_for
+from .config import Config, ResolvedStack
 from .errors import ExportError, os_error
 from .fsutil import mode_for
-from .git import git
-from .patches import encode, encoding_of
-from .series import inside_patch_dir, parse_series_text
+from .git import TRAILER, git, out
+from .patches import Patch, encode, encoding_of
+from .series import inside_patch_dir, load_stack_patches, parse_series_text, series_fuzz
+from .settings import Settings
+from .sources import git_source
 
 TRAILER_RE = re.compile(rf"^{TRAILER}: *(\S+)\s*$", re.M)
 
@@ -433,3 +437,54 @@ def check_failure(results: Iterable[ExportResult]) -> ExportError | None:
     return ExportError(
         f"patch files are not the canonical export of the worktree: {', '.join(bad + extra)}",
         hint="run `stackbuild export STACK` and commit the result")
+
+
+def series_specs(resolved: ResolvedStack, source: str, patches: Sequence[Patch]) -> tuple[SeriesSpec, ...]:
+    return tuple(
+        SeriesSpec(name=s.name, patch_dir=s.patch_dir, directory=s.directory, strip=s.strip, inline=s.inline is not None,
+                   remote=frozenset(p.name for p in patches if p.series == s.name and p.url))
+        for s in resolved.series_for(source))
+
+
+def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None = None, *, check: bool = False,
+                 decode: bool = False, refresh_context: bool = False, prune: bool = False) -> tuple[ExportResult, ...]:
+    """Patch files from the worktree's commits (or, with no worktree, from an in-memory apply)."""
+    resolved = cfg.stack(stack)
+    chosen = [git_source(cfg, resolved, source)] if source else [
+        s for s in resolved.sources if resolved.series_for(s.name) and s.kind == "git"]
+    loaded = load_stack_patches(settings, cfg, resolved)
+    results = []
+    for src in chosen:
+        state = rebase_state_path(state_dir_for(settings.work_dir, stack), src.name)
+        if state.exists():
+            raise ExportError(f"a rebase of '{src.name}' is in progress", where=str(state),
+                              hint="finish it (`stackbuild rebase --continue`) or `--abort` it first")
+        repo = sources.sync(settings, src).git_dir
+        patches = loaded.get(src.name, ())
+        worktree = settings.work_dir / stack / src.name
+        if (worktree / ".git").exists():
+            repo = worktree / ".git"  # commits made there (by hand, or a resolution) live only there
+            head = out(["rev-parse", "HEAD"], cwd=worktree, error=ExportError)
+            if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
+                raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
+                                  hint="re-apply the stack, or finish the rebase that moved it")
+            dirty = out(["status", "--porcelain", "--untracked-files=no"], cwd=worktree, error=ExportError)
+            if dirty:
+                # Export reads commits: edits not committed would be missing from the files, and
+                # --check would call them canonical.
+                raise ExportError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)",
+                                  where=str(worktree), hint="commit them (git commit, amend or fixup), or stash them")
+        else:
+            head = apply.replay(repo, str(src.commit), patches, fuzz_for=lambda p: series_fuzz(resolved, p)).head
+        results.append(plan_export(
+            git_dir=repo, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
+            series=series_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
+            decode_all=decode, refresh_context=refresh_context, prune=prune))
+    if check:
+        failure = check_failure(results)
+        if failure:
+            raise failure
+        return tuple(results)
+    for result in results:
+        apply_export(result)
+    return tuple(results)

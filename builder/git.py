@@ -25,6 +25,8 @@ from .fsutil import shielded
 IDENTITY = "stackbuild"
 EMAIL = "stackbuild@invalid"
 EPOCH = "946684800 +0000"  # 2000-01-01T00:00:00Z
+# Ends the message of every commit the replayer makes, naming its patch: export reads it back.
+TRAILER = "Stackbuild-Patch"
 
 
 ALLOWED_PROTOCOLS = "file:https:ssh:git"

@@ -5,7 +5,7 @@ REF. For each patch it finds the newest commit at which the patch still applies 
 an offset), with the fuzz its series allows, by three-way merge, or already upstream: whatever
 `stackbuild apply` accepts — and the first commit at which it stops applying; for the stack, the
 newest commit at which every patch applies, i.e. how far the pin can move today with no patch
-edited. It uses bisect's search (`rebase.search`: good at the low end, bad at the high end, so
+edited. It uses bisect's search (`bisect.search`: good at the low end, bad at the high end, so
 every answer is a real transition) with probes cached per commit and shared between patches: at
 most ⌈log2 N⌉ + 2 probes per patch. A probe is the apply engine's verdict for the whole series at
 one commit with nothing written but the objects a three-way merge needs.
@@ -25,7 +25,8 @@ from .config import Config
 from .errors import RebaseError
 from .fsutil import atomic_write
 from .patches import Patch
-from .rebase import Upstream, git_source, commit_info, first_parent_range, search
+from .bisect import Upstream, commit_info, first_parent_range, search
+from .sources import git_source
 from .series import load_stack_patches
 from .settings import Settings
 
@@ -65,15 +66,15 @@ class _Probe:
     patch. The engine stays open between requests, holding the tree so far in memory."""
 
     def __init__(self, git_dir: Path, commit: str, patches: Sequence[Patch], fuzz_for: Callable[[Patch], int]):
-        self.engine: apply.Engine | None = apply.Engine(git_dir, commit, paths={p for x in patches for p in x.paths})
+        self.replayer: apply.Replayer | None = apply.Replayer(git_dir, commit, paths={p for x in patches for p in x.paths})
         self.patches, self.fuzz_for = patches, fuzz_for
         self.results: list[apply.PatchResult] = []
 
     def __getitem__(self, k: int) -> apply.PatchResult:
         while len(self.results) <= k:
-            assert self.engine is not None
+            assert self.replayer is not None
             patch = self.patches[len(self.results)]
-            self.results.append(self.engine.step(patch, fuzz=self.fuzz_for(patch), track=False))
+            self.results.append(self.replayer.step(patch, fuzz=self.fuzz_for(patch), track=False))
         if len(self.results) == len(self.patches):
             self.close()
         return self.results[k]
@@ -82,9 +83,9 @@ class _Probe:
         return all(self[k].ok for k in range(len(self.patches)))
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.replayer is not None:
+            self.replayer.close()
+            self.replayer = None
 
 
 class _Prober:

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -27,15 +26,18 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence, cast
 
 from . import apply, sources
-from .config import Config, ResolvedStack, Source
+from .apply import rebase_state_path, sources_in_progress, state_dir_for
+from .bisect import History, Upstream
+from .config import Config, ResolvedStack
 from .errors import ExportError, RebaseError
-from .export import ExportResult, SeriesSpec, apply_export, canonical_range, check_failure, plan_export
+from .export import SeriesSpec, apply_export, canonical_range, plan_export, series_specs
 from .fsutil import atomic_write, locked
 from .git import EMAIL, EPOCH, IDENTITY, git, out
 from .patches import Patch, parse_patch
 from .rebase_report import (FileCommits, PathChange, commits_by_file, details_markdown, merged_files, path_changes,
                             plain_failures, pr_number, touched)
-from .series import load_stack_patches
+from .series import load_stack_patches, series_fuzz
+from .sources import git_source
 from .settings import Settings
 
 STATE_VERSION = 1
@@ -75,15 +77,6 @@ class Plan:
     series: tuple[SeriesSpec, ...]
     current: Mapping[tuple[str, str], bytes] = field(repr=False)
     state_dir: Path
-
-
-@dataclass(frozen=True)
-class Upstream:
-    sha: str
-    subject: str
-    author: str
-    date: str
-    pr: int | None = None  # the pull request the subject names ("… (#12345)")
 
 
 @dataclass(frozen=True)
@@ -153,14 +146,6 @@ class Report:
 # state on disk
 
 
-def state_dir_for(work_dir: Path, stack: str) -> Path:
-    return work_dir / stack / ".rebase"
-
-
-def _state_path(state_dir: Path, source: str) -> Path:
-    return state_dir / f"{source}.json"
-
-
 def _backup_dir(state_dir: Path, source: str) -> Path:
     return state_dir / f"{source}.backup"
 
@@ -196,11 +181,11 @@ def _from_json(data: dict) -> State:
 
 
 def save_state(state_dir: Path, state: State) -> None:
-    atomic_write(_state_path(state_dir, state.source), json.dumps(_to_json(state), indent=1).encode())
+    atomic_write(rebase_state_path(state_dir, state.source), json.dumps(_to_json(state), indent=1).encode())
 
 
 def load_state(state_dir: Path, source: str) -> State:
-    path = _state_path(state_dir, source)
+    path = rebase_state_path(state_dir, source)
     if not path.is_file():
         raise RebaseError(f"no rebase of '{source}' in progress", where=str(path),
                           hint="start one with `stackbuild rebase STACK --source SOURCE --onto REF`")
@@ -211,11 +196,6 @@ def load_state(state_dir: Path, source: str) -> State:
                           hint="restore it, or delete it and the .backup folder beside it by hand") from None
 
 
-def sources_in_progress(state_dir: Path) -> list[str]:
-    # A source name never starts with "_" (config.NAME_RE): such files belong to a multi-source rebase.
-    return sorted(p.stem for p in state_dir.glob("*.json") if not p.name.startswith("_")) if state_dir.is_dir() else []
-
-
 def work_lock(state_dir: Path, source: str):
     """apply's lock on the stack's work directory: no apply (or other rebase) moves the worktree
     meanwhile. A kernel lock: a killed process releases it."""
@@ -224,12 +204,6 @@ def work_lock(state_dir: Path, source: str):
 
 # ---------------------------------------------------------------------------------------------
 # git helpers specific to replaying
-
-
-def commit_info(git_dir: Path, sha: str) -> Upstream:
-    sha_, subject, author, date = out(["log", "-1", "--format=%H%x1f%s%x1f%an <%ae>%x1f%cI", sha],
-                                      git_dir=git_dir, error=RebaseError).split("\x1f")
-    return Upstream(sha_, subject, author, date, pr_number(subject))
 
 
 def replay_patches(git_dir: Path, old_pin: str, items: Sequence[Item]) -> list[Patch]:
@@ -259,119 +233,6 @@ def diff_numbers(git_dir: Path, parent: str, commit: str) -> tuple[tuple[str, ..
         add += int(a) if a != "-" else 0
         rem += int(r) if r != "-" else 0
     return tuple(files), add, rem
-
-
-def first_parent_range(git_dir: Path, old: str, new: str) -> list[str]:
-    """Commits after `old` up to `new` on new's first-parent line, oldest first."""
-    return out(["rev-list", "--first-parent", "--reverse", new, f"^{old}"], git_dir=git_dir, error=RebaseError).split()
-
-
-# ---------------------------------------------------------------------------------------------
-# probes and bisect (objects only, no worktree)
-
-
-def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, ...]:
-    """Which patches apply as they are (clean or at an offset) at `commit`, each on the ones
-    before it that did. The engine's own hunk matcher on its in-memory tree: nothing is written
-    (no fast-import, no three-way attempt), which is what makes a probe cheap enough to bisect.
-    Shapes the matcher leaves to git (binary, copies) go through the engine's full step."""
-    engine = apply.Engine(git_dir, commit, paths={p for patch in patches for p in patch.paths})
-    try:
-        return tuple(engine.probe(patch) for patch in patches)
-    finally:
-        engine.close()
-
-
-@dataclass(frozen=True)
-class Boundary:
-    """A patch stops applying at `commit` while it applied at its first parent `good`."""
-
-    series: str
-    name: str
-    commit: Upstream | None
-    good: str | None
-    probes: int
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class BisectReport:
-    source: str
-    old_pin: str
-    onto: str
-    commits: int
-    patches: tuple[Boundary, ...]
-    newest_clean: Upstream | None  # newest commit where the whole series still applies as is
-    probes: int  # distinct commits probed
-    bound: int  # ⌈log2 N⌉ + 2: the most any one patch's search may probe
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-class Prober:
-    """Caches whole-series probes per commit, so the searches of several patches share them."""
-
-    def __init__(self, git_dir: Path, patches: Sequence[Patch]):
-        self.git_dir, self.patches = git_dir, patches
-        self.cache: dict[str, tuple[bool, ...]] = {}
-
-    def __call__(self, commit: str) -> tuple[bool, ...]:
-        if commit not in self.cache:
-            self.cache[commit] = probe(self.git_dir, commit, self.patches)
-        return self.cache[commit]
-
-
-def search(line: Sequence[str], ok: Callable[[str], bool]) -> tuple[int, int]:
-    """Index of the first commit of `line` (line[0] is known good, line[-1] known bad) where `ok`
-    fails, keeping the invariant good-at-lo / bad-at-hi, so the answer is always a real
-    transition (good at its first parent) even when history is not monotone. Returns (hi, probes).
-    """
-    lo, hi, probes = 0, len(line) - 1, 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        probes += 1
-        if ok(line[mid]):
-            lo = mid
-        else:
-            hi = mid
-    return hi, probes
-
-
-class History:
-    """The first-parent line old_pin..onto with a shared prober: every search over it reuses the
-    probes of the others (a probe's verdict for patch k depends only on patches 0..k)."""
-
-    def __init__(self, git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch]):
-        self.git_dir = git_dir
-        self.line = [old_pin] + first_parent_range(git_dir, old_pin, onto)
-        self.prober = Prober(git_dir, patches)
-
-    def boundary(self, k: int) -> Boundary | None:
-        """Where patch k stops applying as is; None when it still applies at the end of the line."""
-        p, line, prober = self.prober.patches[k], self.line, self.prober
-        if prober(line[-1])[k]:
-            return None
-        if not prober(line[0])[k]:
-            return Boundary(p.series, p.name, None, None, 2, "does not apply as is at the old pin either")
-        hi, probes = search(line, lambda c: prober(c)[k])
-        return Boundary(p.series, p.name, commit_info(self.git_dir, line[hi]), line[hi - 1], probes + 2)
-
-
-def bisect(git_dir: Path, old_pin: str, onto: str, patches: Sequence[Patch], source: str = "") -> BisectReport:
-    history = History(git_dir, old_pin, onto, patches)
-    line, prober = history.line, history.prober
-    found = [b for b in (history.boundary(k) for k in range(len(patches))) if b is not None]
-    at_pin, at_onto = prober(line[0]), prober(line[-1])
-    if all(at_onto):
-        newest = commit_info(git_dir, line[-1])
-    elif not all(at_pin):
-        newest = None
-    else:
-        hi, _ = search(line, lambda c: all(prober(c)))
-        newest = commit_info(git_dir, line[hi - 1])
-    bound = math.ceil(math.log2(max(len(line) - 1, 1))) + 2
-    return BisectReport(source, old_pin, line[-1], len(line) - 1, tuple(found), newest, len(prober.cache), bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,9 +300,9 @@ def begin(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refres
     """Backups, the first state and the worktree on the new branch; the caller holds the lock.
     DEFER_EXPORT: the replay stops at phase `replayed` and the caller runs `finish` (a rebase of
     several sources exports them all once every replay is done)."""
-    if _state_path(plan.state_dir, plan.source).exists():
+    if rebase_state_path(plan.state_dir, plan.source).exists():
         raise RebaseError(f"a rebase of '{plan.source}' is already in progress",
-                          where=str(_state_path(plan.state_dir, plan.source)),
+                          where=str(rebase_state_path(plan.state_dir, plan.source)),
                           hint="`stackbuild rebase --continue`, `--skip` or `--abort` it first")
     before = _worktree_before(plan)
     backups, dirs = _take_backups(plan)
@@ -560,17 +421,17 @@ def _replay(state_dir: Path, state: State) -> State:
     history = functools.cache(lambda: History(git_dir, state.old_pin, state.onto, patches))
     changes = functools.cache(lambda: path_changes(git_dir, state.old_pin, state.onto))
     batch: list[tuple[Result, Patch | None]] = []
-    engine: apply.Engine | None = None
+    replayer: apply.Replayer | None = None
 
     def settle(state: State) -> State:
         if not batch:
             return state
-        assert engine is not None
-        engine.flush()
+        assert replayer is not None
+        replayer.flush()
         head, done = state.head, []
         for result, patch in batch:
             if patch is not None:
-                parent, head = head, engine.commits[id(patch)]
+                parent, head = head, replayer.commits[id(patch)]
                 result = replace(result, commit=head)
                 if result.outcome == "merged":
                     result = _detailed(git_dir, result, patch, parent, changes())
@@ -589,9 +450,9 @@ def _replay(state_dir: Path, state: State) -> State:
         while state.next + len(batch) < len(state.items):
             k = state.next + len(batch)
             item, patch = state.items[k], patches[k]
-            if engine is None:
-                engine = apply.Engine(git_dir, state.head, paths=paths)
-            verdict = engine.step(patch, track=False)
+            if replayer is None:
+                replayer = apply.Replayer(git_dir, state.head, paths=paths)
+            verdict = replayer.step(patch, track=False)
             if verdict.outcome == apply.ALREADY:
                 result = replace(_upstream_result(state, k, patches, history), path_changes=touched(patch, changes()))
                 if not state.options["drop_merged"]:
@@ -606,8 +467,8 @@ def _replay(state_dir: Path, state: State) -> State:
                     state = settle(state)  # the engine goes on from the flushed head
                 continue
             state = settle(state)
-            engine.close()
-            engine = None  # the worktree takes over; a fresh engine starts from the next head
+            replayer.close()
+            replayer = None  # the worktree takes over; a fresh engine starts from the next head
             result, head = _pick(state, k, patches, history, changes)
             if result.outcome == "conflict" or (result.outcome == "upstream" and not state.options["drop_merged"]):
                 return stop(state, result)
@@ -615,8 +476,8 @@ def _replay(state_dir: Path, state: State) -> State:
             save_state(state_dir, state)
         return settle(state)
     finally:
-        if engine is not None:
-            engine.close()
+        if replayer is not None:
+            replayer.close()
 
 
 def _pick(state: State, k: int, patches: Sequence[Patch], history: Callable[[], History],
@@ -726,7 +587,7 @@ def _restore_worktree(state: State) -> None:
 
 def cleanup(state_dir: Path, source: str) -> None:
     shutil.rmtree(_backup_dir(state_dir, source), ignore_errors=True)
-    _state_path(state_dir, source).unlink(missing_ok=True)
+    rebase_state_path(state_dir, source).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: another source's rebase is still stopped
         state_dir.rmdir()
 
@@ -777,36 +638,8 @@ def _md(text: str) -> str:
 # from stack.toml to a plan: the one place that reads the core's sources, series and engine
 
 
-def git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Source:
-    git_sources = [s for s in resolved.sources if resolved.series_for(s.name)]
-    if name is None:
-        if len(git_sources) != 1:
-            raise RebaseError(f"stack '{resolved.name}' patches {len(git_sources)} sources; say which",
-                              hint=f"--source {' or --source '.join(s.name for s in git_sources) or 'NAME'}")
-        return git_sources[0]
-    found = [s for s in resolved.sources if s.name == name]
-    if not found or not resolved.series_for(name):
-        raise RebaseError(f"stack '{resolved.name}' has no series for source '{name}'", where=str(cfg.path),
-                          hint=f"sources with series: {', '.join(s.name for s in git_sources) or 'none'}")
-    if found[0].kind != "git":
-        raise RebaseError(f"source '{name}' is an {found[0].kind} pin; only git sources can be rebased",
-                          where=cfg.where.at(f"sources.{name}"), hint="point it at a git url + commit to rebase it")
-    return found[0]
-
-
-def _specs(resolved: ResolvedStack, source: str, patches: Sequence[Patch]) -> tuple[SeriesSpec, ...]:
-    return tuple(
-        SeriesSpec(name=s.name, patch_dir=s.patch_dir, directory=s.directory, strip=s.strip, inline=s.inline is not None,
-                   remote=frozenset(p.name for p in patches if p.series == s.name and p.url))
-        for s in resolved.series_for(source))
-
-
-def _fuzz(resolved: ResolvedStack, patch: Patch) -> int:
-    return next((s.fuzz for s in resolved.series if s.name == patch.series), 0)
-
-
 def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch], resolved: ResolvedStack) -> tuple[Item, ...]:
-    replay = apply.replay(mirror, pin, patches, fuzz_for=lambda p: _fuzz(resolved, p))
+    replay = apply.replay(mirror, pin, patches, fuzz_for=lambda p: series_fuzz(resolved, p))
     bad = [r for r in replay.results if not r.ok or not r.commit]
     if bad:
         raise RebaseError(f"{bad[0].patch.series}/{bad[0].patch.name} does not apply at the current pin ({bad[0].outcome})",
@@ -823,7 +656,7 @@ def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, o
         stack=stack, source=src.name, git_dir=mirror, worktree=settings.work_dir / stack / src.name,
         branch=f"stackbuild/{stack}", old_pin=str(src.commit), onto=sources.fetch_ref(settings, src, mirror, onto),
         items=_old_commits(mirror, str(src.commit), patches, resolved), root=cfg.root, stack_file=cfg.path,
-        series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
+        series=series_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
         state_dir=state_dir_for(settings.work_dir, stack),
     )
 
@@ -853,55 +686,3 @@ def rebase_stack(settings: Settings, cfg: Config | None, stack: str | None, sour
         raise RebaseError("rebase needs a stack and --onto REF", hint="stackbuild rebase STACK --source vllm --onto REF")
     return start(make_plan(settings, cfg, stack, source, onto), drop_merged=drop_merged, decode=decode,
                  refresh_context=refresh_context)
-
-
-def bisect_stack(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> BisectReport:
-    resolved = cfg.stack(stack)
-    src = git_source(cfg, resolved, source)
-    mirror = sources.sync(settings, src).git_dir
-    patches = load_stack_patches(settings, cfg, resolved).get(src.name, ())
-    return bisect(mirror, str(src.commit), sources.fetch_ref(settings, src, mirror, onto), patches, src.name)
-
-
-def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None = None, *, check: bool = False,
-                 decode: bool = False, refresh_context: bool = False, prune: bool = False) -> tuple[ExportResult, ...]:
-    """Patch files from the worktree's commits (or, with no worktree, from an in-memory apply)."""
-    resolved = cfg.stack(stack)
-    chosen = [git_source(cfg, resolved, source)] if source else [
-        s for s in resolved.sources if resolved.series_for(s.name) and s.kind == "git"]
-    loaded = load_stack_patches(settings, cfg, resolved)
-    results = []
-    for src in chosen:
-        state = _state_path(state_dir_for(settings.work_dir, stack), src.name)
-        if state.exists():
-            raise ExportError(f"a rebase of '{src.name}' is in progress", where=str(state),
-                              hint="finish it (`stackbuild rebase --continue`) or `--abort` it first")
-        repo = sources.sync(settings, src).git_dir
-        patches = loaded.get(src.name, ())
-        worktree = settings.work_dir / stack / src.name
-        if (worktree / ".git").exists():
-            repo = worktree / ".git"  # commits made there (by hand, or a resolution) live only there
-            head = out(["rev-parse", "HEAD"], cwd=worktree, error=ExportError)
-            if git(["merge-base", "--is-ancestor", str(src.commit), head], cwd=worktree, check=False).returncode:
-                raise ExportError(f"the worktree is not based on the pin {str(src.commit)[:12]}", where=str(worktree),
-                                  hint="re-apply the stack, or finish the rebase that moved it")
-            dirty = out(["status", "--porcelain", "--untracked-files=no"], cwd=worktree, error=ExportError)
-            if dirty:
-                # Export reads commits: edits not committed would be missing from the files, and
-                # --check would call them canonical.
-                raise ExportError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)",
-                                  where=str(worktree), hint="commit them (git commit, amend or fixup), or stash them")
-        else:
-            head = apply.replay(repo, str(src.commit), patches, fuzz_for=lambda p: _fuzz(resolved, p)).head
-        results.append(plan_export(
-            git_dir=repo, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
-            series=_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},
-            decode_all=decode, refresh_context=refresh_context, prune=prune))
-    if check:
-        failure = check_failure(results)
-        if failure:
-            raise failure
-        return tuple(results)
-    for result in results:
-        apply_export(result)
-    return tuple(results)

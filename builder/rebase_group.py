@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import rebase as rb
+from .apply import sources_in_progress, state_dir_for
 from .config import NAME_RE, Config
 from .errors import RebaseError
 from .fsutil import atomic_write
@@ -100,7 +101,7 @@ def _load(state_dir: Path) -> Group:
 def find_group(settings: Settings, stack: str | None) -> Path | None:
     """The state folder of the multi-source rebase a bare `--continue` means, if there is one."""
     if stack:
-        found = [rb.state_dir_for(settings.work_dir, stack)]
+        found = [state_dir_for(settings.work_dir, stack)]
     else:
         found = sorted(p.parent for p in settings.work_dir.glob(f"*/.rebase/{GROUP_FILE}"))
     found = [d for d in found if _path(d).is_file()]
@@ -132,7 +133,7 @@ def start(settings: Settings, cfg: Config, stack: str, targets: Sequence[tuple[s
     plans = [rb.make_plan(settings, cfg, stack, src, ref) for src, ref in targets]
     state_dir = plans[0].state_dir
     with rb.work_lock(state_dir, "+".join(p.source for p in plans)):
-        busy = rb.sources_in_progress(state_dir) + (["(several)"] if _path(state_dir).exists() else [])
+        busy = sources_in_progress(state_dir) + (["(several)"] if _path(state_dir).exists() else [])
         if busy:
             raise RebaseError(f"a rebase of stack '{stack}' is already in progress ({', '.join(busy)})",
                               where=str(state_dir), hint="`stackbuild rebase --continue`, `--skip` or `--abort` it first")
@@ -196,7 +197,7 @@ def _advance(state_dir: Path, group: Group) -> GroupReport:
 def _abort(state_dir: Path, group: Group) -> GroupReport:
     reports = []
     for src in reversed(group.sources):
-        if src in rb.sources_in_progress(state_dir):
+        if src in sources_in_progress(state_dir):
             reports.append(rb.abort(state_dir, rb.load_state(state_dir, src)))
     _path(state_dir).unlink()
     _rmdir(state_dir)

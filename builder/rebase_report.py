@@ -79,12 +79,12 @@ def plain_failures(git_dir: Path, parent: str, patch: Patch) -> tuple[str, ...]:
     replayed on): each file is probed on its own with the engine's hunk matcher, nothing written."""
     failed = []
     for diff in patch.files:
-        engine = apply.Engine(git_dir, parent, paths={p for p in (diff.old_path, diff.new_path) if p})
+        replayer = apply.Replayer(git_dir, parent, paths={p for p in (diff.old_path, diff.new_path) if p})
         try:
-            if not engine.probe(replace(patch, files=(diff,))):
+            if not replayer.probe(replace(patch, files=(diff,))):
                 failed.append(diff.path if diff.old_path is None else diff.old_path)
         finally:
-            engine.close()
+            replayer.close()
     return tuple(dict.fromkeys(failed))
 
 

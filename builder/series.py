@@ -209,3 +209,7 @@ def stack_patch_digests(config: Config, stack: ResolvedStack) -> dict[str, tuple
                 digest = sha256(decode(path.read_bytes(), encoding_of(path.name), str(path)))
             out[series.source].append(PatchDigest(f"{series.name}/{ref.name}", digest, strip, series.directory))
     return {name: tuple(items) for name, items in out.items()}
+
+
+def series_fuzz(resolved: ResolvedStack, patch: Patch) -> int:
+    return next((s.fuzz for s in resolved.series if s.name == patch.series), 0)

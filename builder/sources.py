@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import import_archive, imported_commit
-from .config import SHA_RE, Source, looks_like_option
-from .errors import SourceError, redact_credentials
+from .config import SHA_RE, Config, ResolvedStack, Source, looks_like_option
+from .errors import RebaseError, SourceError, redact_credentials
 from .fsutil import atomic_write, locked
 from .git import ALLOWED_PROTOCOLS, git, out
 from .settings import Settings
@@ -267,3 +267,20 @@ def tree_archive(settings: Settings, source: Source, git_dir: Path, commit: str)
                     member.name = prefix + member.name
                     merged.addfile(member, part.extractfile(member) if member.isfile() else None)
     return out.getvalue()
+
+
+def git_source(cfg: Config, resolved: ResolvedStack, name: str | None) -> Source:
+    git_sources = [s for s in resolved.sources if resolved.series_for(s.name)]
+    if name is None:
+        if len(git_sources) != 1:
+            raise RebaseError(f"stack '{resolved.name}' patches {len(git_sources)} sources; say which",
+                              hint=f"--source {' or --source '.join(s.name for s in git_sources) or 'NAME'}")
+        return git_sources[0]
+    found = [s for s in resolved.sources if s.name == name]
+    if not found or not resolved.series_for(name):
+        raise RebaseError(f"stack '{resolved.name}' has no series for source '{name}'", where=str(cfg.path),
+                          hint=f"sources with series: {', '.join(s.name for s in git_sources) or 'none'}")
+    if found[0].kind != "git":
+        raise RebaseError(f"source '{name}' is an {found[0].kind} pin; only git sources can be rebased",
+                          where=cfg.where.at(f"sources.{name}"), hint="point it at a git url + commit to rebase it")
+    return found[0]

@@ -140,7 +140,7 @@ def _commit_tree(repo: Path, files: dict[str, bytes], modes: dict[str, int]) -> 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree_scenario())
 def test_whole_patches_same_tree_as_git_apply(case):
-    from builder.apply import Engine
+    from builder.apply import Replayer
 
     base, new, modes, target = case
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -162,15 +162,15 @@ def test_whole_patches_same_tree_as_git_apply(case):
             expected = subprocess.run(["git", "write-tree"], cwd=repo, env=env, capture_output=True,
                                       check=True).stdout.decode().strip()
         patch = parse_patch(patch_bytes, series="s", name="p", where="p")
-        engine = Engine(repo / ".git", target_commit, paths=patch.paths)
+        replayer = Replayer(repo / ".git", target_commit, paths=patch.paths)
         try:
-            writes, failed, _, _ = engine._try(patch, patch.files, 0, False)
+            writes, failed, _, _ = replayer._try(patch, patch.files, 0, False)
             ours = None
             if not failed:
-                engine._record(patch, writes)
-                engine.flush()
-                ours = subprocess.run(["git", "rev-parse", f"{engine.head}^{{tree}}"], cwd=repo, capture_output=True,
+                replayer._record(patch, writes)
+                replayer.flush()
+                ours = subprocess.run(["git", "rev-parse", f"{replayer.head}^{{tree}}"], cwd=repo, capture_output=True,
                                       check=True).stdout.decode().strip()
         finally:
-            engine.close()
+            replayer.close()
         assert ours == expected, patch_bytes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 
+from builder import bisect as bs
 from builder import rebase as rb
 from gitfixtures_rebase import lines, new_project, replay_old, run
 
@@ -40,7 +41,7 @@ def test_finds_breaking_commit_per_patch_and_newest_clean(tmp_path):
         33: {"c.txt": "top\n" + lines(30, "c.txt")},  # only moves c: still applies
     }
     p, shas, items, _ = history(tmp_path, n, events)
-    report = rb.bisect(p.mirror, p.pin, shas[-1], items, "vllm")
+    report = bs.bisect(p.mirror, p.pin, shas[-1], items, "vllm")
     assert report.commits == n
     assert report.bound == math.ceil(math.log2(n)) + 2
     found = {b.name: b for b in report.patches}
@@ -55,7 +56,7 @@ def test_finds_breaking_commit_per_patch_and_newest_clean(tmp_path):
 
 def test_everything_applies_at_onto(tmp_path):
     p, shas, items, _ = history(tmp_path, 9, {})
-    report = rb.bisect(p.mirror, p.pin, shas[-1], items)
+    report = bs.bisect(p.mirror, p.pin, shas[-1], items)
     assert report.patches == () and report.newest_clean.sha == shas[-1] and report.probes == 2
 
 
@@ -64,12 +65,12 @@ def test_non_monotone_history_gives_a_verified_transition(tmp_path):
     broken = a.replace("a.txt 11\n", "a eleven\n")
     events = {8: {"a.txt": broken}, 12: {"a.txt": a}, 20: {"a.txt": broken}}
     p, shas, items, _ = history(tmp_path, 24, events)
-    report = rb.bisect(p.mirror, p.pin, shas[-1], items[:1])
+    report = bs.bisect(p.mirror, p.pin, shas[-1], items[:1])
     (b,) = report.patches
     assert b.commit.sha in (shas[8], shas[20])
     # Whatever transition the search lands on is real: fails there, applies at its first parent.
-    at = rb.probe(p.mirror, b.commit.sha, items[:1])
-    parent = rb.probe(p.mirror, run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror), items[:1])
+    at = bs.probe(p.mirror, b.commit.sha, items[:1])
+    parent = bs.probe(p.mirror, run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror), items[:1])
     assert at == (False,) and parent == (True,) and b.good == run("rev-parse", f"{b.commit.sha}^", cwd=p.mirror)
 
 
@@ -78,6 +79,6 @@ def test_search_probe_count_is_logarithmic():
         line = list(range(n + 1))
         for first_bad in (1, n // 2 or 1, n):
             seen = []
-            hi, probes = rb.search(line, lambda c: seen.append(c) or c < first_bad)
+            hi, probes = bs.search(line, lambda c: seen.append(c) or c < first_bad)
             assert hi == first_bad
             assert probes == len(seen) <= math.ceil(math.log2(n)) if n > 1 else probes == 0

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .. import apply as engine
+from .. import apply
 from ..errors import ApplyError, ConfigError, PatchError
 from ..report import console, junit, patch_table, simple_table
 from ..series import describe_series, unused_patch_files
@@ -92,9 +92,9 @@ def series_cmd(ctx: Context) -> None:
 def apply_cmd(ctx: Context, stack: str, allow_fuzz: int, force: bool) -> None:
     """Materialise STACK as worktrees (work/STACK/SOURCE), one commit per patch."""
 
-    def go() -> engine.ApplyReport:
+    def go() -> apply.ApplyReport:
         config = ctx.config()
-        return engine.apply_stack(ctx.settings(config), config, stack, allow_fuzz=allow_fuzz, force=force,
+        return apply.apply_stack(ctx.settings(config), config, stack, allow_fuzz=allow_fuzz, force=force,
                                   progress=not ctx.as_json and sys.stderr.isatty())
 
     report = run(ctx, go)
@@ -133,7 +133,7 @@ def check_cmd(ctx: Context, stacks: tuple[str, ...], at: tuple[str, ...], fmt: s
 
     def go():
         config = ctx.config()
-        return engine.check_stacks(ctx.settings(config), config, stacks, at=at, allow_fuzz=allow_fuzz,
+        return apply.check_stacks(ctx.settings(config), config, stacks, at=at, allow_fuzz=allow_fuzz,
                                    progress=not ctx.as_json and sys.stderr.isatty())
 
     reports = run(ctx, go)
@@ -159,7 +159,7 @@ def check_cmd(ctx: Context, stacks: tuple[str, ...], at: tuple[str, ...], fmt: s
     if not all(r.ok for r in reports):
         bad = next(p for r in data for s in r["sources"] for p in s["patches"] if not p["ok"])
         # A patch no git would take (malformed) is a patch error, as `apply` reports it.
-        kind = PatchError if any(p["outcome"] == engine.MALFORMED for r in data for s in r["sources"]
+        kind = PatchError if any(p["outcome"] == apply.MALFORMED for r in data for s in r["sources"]
                                  for p in s["patches"]) else ApplyError
         err = kind(f"{sum(1 for r in data for s in r['sources'] for p in s['patches'] if not p['ok'])} patch(es) "
                          f"do not apply; first: {bad['patch']} ({bad['outcome']})", where="check",
@@ -177,7 +177,7 @@ def status_cmd(ctx: Context, stacks: tuple[str, ...]) -> None:
 
     def go() -> list[dict]:
         config = ctx.config()
-        return engine.status(ctx.settings(config), config, stacks)
+        return apply.status(ctx.settings(config), config, stacks)
 
     def render(rows: list[dict]) -> None:
         def state(r: dict) -> str:

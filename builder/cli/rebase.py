@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .. import bisect as bisect_mod
+from .. import export as export_mod
 from .. import horizon as horizon_mod
 from .. import rebase as rb
 from .. import rebase_group as group_mod
@@ -122,7 +124,7 @@ def export_cmd(ctx: Context, stack: str, source: str | None, check: bool, decode
 
     def call():
         cfg = ctx.config()
-        return rb.export_stack(ctx.settings(cfg), cfg, stack, source, check=check, decode=decode,
+        return export_mod.export_stack(ctx.settings(cfg), cfg, stack, source, check=check, decode=decode,
                                refresh_context=refresh_context, prune=prune)
 
     results = run(ctx, call)
@@ -149,13 +151,13 @@ def bisect_cmd(ctx: Context, stack: str, source: str | None, onto: str) -> None:
 
     def call():
         cfg = ctx.config()
-        return rb.bisect_stack(ctx.settings(cfg), cfg, stack, source, onto)
+        return bisect_mod.bisect_stack(ctx.settings(cfg), cfg, stack, source, onto)
 
     report = run(ctx, call)
     emit(ctx, report.to_json(), lambda _: _render_bisect(report))
 
 
-def _render_bisect(r: rb.BisectReport) -> None:
+def _render_bisect(r: bisect_mod.BisectReport) -> None:
     rows = [(f"{b.series}/{b.name}", b.commit.sha[:12] if b.commit else "", b.commit.date[:10] if b.commit else "",
              b.commit.subject if b.commit else b.note) for b in r.patches]
     console.print(simple_table(f"{r.source}: {r.commits} commits {r.old_pin[:12]}..{r.onto[:12]}, {r.probes} probes",
