@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.apply import journaled_move, replay  # noqa: E402
+from builder.replay import replay  # noqa: E402
+from builder.worktrees import journaled_move  # noqa: E402
 from timing import timed  # noqa: E402
 from builder.patches import parse_patch  # noqa: E402
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from builder import bisect as bs  # noqa: E402
 from builder import horizon as hz  # noqa: E402
 from builder import rebase as rb  # noqa: E402
+from builder.apply import apply_stack  # noqa: E402
 from builder.config import load_config  # noqa: E402
 from builder.export import canonical_patch  # noqa: E402
 from builder.settings import load_settings  # noqa: E402
@@ -249,7 +250,7 @@ def main() -> None:
         def ours_rebase(run: int) -> float:
             root, cfg, settings = fresh(run)
             # Both sides start from a worktree that holds the old series (by hand: `worktree add`).
-            rb.apply.apply_stack(settings, cfg, "lab")
+            apply_stack(settings, cfg, "lab")
             out: list = []
             t = timed(lambda: out.append(rb.rebase_stack(settings, cfg, "lab", "vllm", onto=ref)))
             assert out[0].status == "finished", out[0].to_json()

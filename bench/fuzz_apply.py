@@ -39,7 +39,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.apply import ALREADY, THREEWAY, replay  # noqa: E402
+from builder.replay import ALREADY, THREEWAY, replay  # noqa: E402
 from builder.errors import PatchError, StackbuildError  # noqa: E402
 from builder.patches import parse_patch  # noqa: E402
 

@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import apply, sources
+from . import sources
 from .config import Config
 from .errors import RebaseError
 from .git import out
 from .patches import Patch
 from .rebase_report import pr_number
+from .replay import Replayer
 from .series import load_stack_patches
 from .settings import Settings
 from .sources import git_source
@@ -50,7 +51,7 @@ def probe(git_dir: Path, commit: str, patches: Sequence[Patch]) -> tuple[bool, .
     before it that did. The engine's own hunk matcher on its in-memory tree: nothing is written
     (no fast-import, no three-way attempt), which is what makes a probe cheap enough to bisect.
     Shapes the matcher leaves to git (binary, copies) go through the engine's full step."""
-    replayer = apply.Replayer(git_dir, commit, paths={p for patch in patches for p in patch.paths})
+    replayer = Replayer(git_dir, commit, paths={p for patch in patches for p in patch.paths})
     try:
         return tuple(replayer.probe(patch) for patch in patches)
     finally:

@@ -19,16 +19,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import tomlkit
 
-from . import apply, sources
-from .apply import rebase_state_path, state_dir_for
+from . import sources
 from .config import Config, ResolvedStack
 from .errors import ExportError, os_error
 from .fsutil import mode_for
 from .git import TRAILER, git, out
 from .patches import Patch, encode, encoding_of
+from .replay import replay
 from .series import inside_patch_dir, load_stack_patches, parse_series_text, series_fuzz
 from .settings import Settings
 from .sources import git_source
+from .worktrees import rebase_state_path, state_dir_for
 
 TRAILER_RE = re.compile(rf"^{TRAILER}: *(\S+)\s*$", re.M)
 
@@ -475,7 +476,7 @@ def export_stack(settings: Settings, cfg: Config, stack: str, source: str | None
                 raise ExportError(f"the worktree has uncommitted changes ({len(dirty.splitlines())} files)",
                                   where=str(worktree), hint="commit them (git commit, amend or fixup), or stash them")
         else:
-            head = apply.replay(repo, str(src.commit), patches, fuzz_for=lambda p: series_fuzz(resolved, p)).head
+            head = replay(repo, str(src.commit), patches, fuzz_for=lambda p: series_fuzz(resolved, p)).head
         results.append(plan_export(
             git_dir=repo, base=str(src.commit), head=head, root=cfg.root, stack_file=cfg.path, source=src.name,
             series=series_specs(resolved, src.name, patches), current={(p.series, p.name): p.data for p in patches},

@@ -20,11 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import apply, sources
+from . import sources
 from .config import Config
 from .errors import RebaseError
 from .fsutil import atomic_write
 from .patches import Patch
+from .replay import PatchResult, Replayer
 from .bisect import Upstream, commit_info, first_parent_range, search
 from .sources import git_source
 from .series import load_stack_patches
@@ -66,11 +67,11 @@ class _Probe:
     patch. The engine stays open between requests, holding the tree so far in memory."""
 
     def __init__(self, git_dir: Path, commit: str, patches: Sequence[Patch], fuzz_for: Callable[[Patch], int]):
-        self.replayer: apply.Replayer | None = apply.Replayer(git_dir, commit, paths={p for x in patches for p in x.paths})
+        self.replayer: Replayer | None = Replayer(git_dir, commit, paths={p for x in patches for p in x.paths})
         self.patches, self.fuzz_for = patches, fuzz_for
-        self.results: list[apply.PatchResult] = []
+        self.results: list[PatchResult] = []
 
-    def __getitem__(self, k: int) -> apply.PatchResult:
+    def __getitem__(self, k: int) -> PatchResult:
         while len(self.results) <= k:
             assert self.replayer is not None
             patch = self.patches[len(self.results)]

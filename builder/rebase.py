@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence, cast
 
-from . import apply, sources
-from .apply import rebase_state_path, sources_in_progress, state_dir_for
+from . import sources
+from .replay import ALREADY, CLEAN, OFFSET, THREEWAY, Replayer, replay
+from .worktrees import STATE_FILE, create_worktree, rebase_state_path, record_worktree, sources_in_progress, state_dir_for
 from .bisect import History, Upstream
 from .config import Config, ResolvedStack
 from .errors import ExportError, RebaseError
@@ -247,7 +248,7 @@ def _take_backups(plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Byte copies of stack.toml, every file in the series' folders and apply's record of the
     worktree, complete (renamed into place) before anything changes."""
     files = [plan.stack_file]
-    record = plan.state_dir.parent / apply.STATE_FILE
+    record = plan.state_dir.parent / STATE_FILE
     if record.is_file():
         files.append(record)
     for spec in plan.series:
@@ -284,7 +285,7 @@ def _prepare_worktree(plan: Plan, before: Mapping) -> None:
     """The worktree apply makes: a clone sharing the mirror's objects, on the stack's branch."""
     wt = plan.worktree
     if not before["exists"]:
-        apply.create_worktree(plan.git_dir, wt, RebaseError)
+        create_worktree(plan.git_dir, wt, RebaseError)
     git(["update-ref", f"refs/heads/{plan.branch}", plan.onto], cwd=wt, error=RebaseError)
     git(["symbolic-ref", "HEAD", f"refs/heads/{plan.branch}"], cwd=wt, error=RebaseError)
 
@@ -403,7 +404,7 @@ def finish(state_dir: Path, state: State, *, keep_state: bool = False) -> Report
     crash here is redone by the next run): the same commits give the same files. KEEP_STATE keeps
     the state and backups, so a rebase of several sources can still abort them all."""
     export = _export(state)
-    apply.record_worktree(state_dir.parent, state.source, git_dir=Path(state.mirror), base=state.onto, head=state.head)
+    record_worktree(state_dir.parent, state.source, git_dir=Path(state.mirror), base=state.onto, head=state.head)
     report = report_of(state, "finished", export=export.to_json())
     _write_report(state_dir, report)
     if not keep_state:
@@ -421,7 +422,7 @@ def _replay(state_dir: Path, state: State) -> State:
     history = functools.cache(lambda: History(git_dir, state.old_pin, state.onto, patches))
     changes = functools.cache(lambda: path_changes(git_dir, state.old_pin, state.onto))
     batch: list[tuple[Result, Patch | None]] = []
-    replayer: apply.Replayer | None = None
+    replayer: Replayer | None = None
 
     def settle(state: State) -> State:
         if not batch:
@@ -451,16 +452,16 @@ def _replay(state_dir: Path, state: State) -> State:
             k = state.next + len(batch)
             item, patch = state.items[k], patches[k]
             if replayer is None:
-                replayer = apply.Replayer(git_dir, state.head, paths=paths)
+                replayer = Replayer(git_dir, state.head, paths=paths)
             verdict = replayer.step(patch, track=False)
-            if verdict.outcome == apply.ALREADY:
+            if verdict.outcome == ALREADY:
                 result = replace(_upstream_result(state, k, patches, history), path_changes=touched(patch, changes()))
                 if not state.options["drop_merged"]:
                     return stop(settle(state), result)
                 batch.append((result, None))
                 continue
-            if verdict.ok and verdict.outcome in (apply.CLEAN, apply.OFFSET, apply.THREEWAY):
-                word = {apply.CLEAN: "unchanged", apply.OFFSET: "moved", apply.THREEWAY: "merged"}[verdict.outcome]
+            if verdict.ok and verdict.outcome in (CLEAN, OFFSET, THREEWAY):
+                word = {CLEAN: "unchanged", OFFSET: "moved", THREEWAY: "merged"}[verdict.outcome]
                 breaking = _breaking(history(), k) if word == "merged" else None
                 batch.append((Result(item.series, item.name, word, None, False, *_numbers(patch), breaking), patch))
                 if len(batch) >= BATCH:
@@ -639,12 +640,12 @@ def _md(text: str) -> str:
 
 
 def _old_commits(mirror: Path, pin: str, patches: Sequence[Patch], resolved: ResolvedStack) -> tuple[Item, ...]:
-    replay = apply.replay(mirror, pin, patches, fuzz_for=lambda p: series_fuzz(resolved, p))
-    bad = [r for r in replay.results if not r.ok or not r.commit]
+    replayed = replay(mirror, pin, patches, fuzz_for=lambda p: series_fuzz(resolved, p))
+    bad = [r for r in replayed.results if not r.ok or not r.commit]
     if bad:
         raise RebaseError(f"{bad[0].patch.series}/{bad[0].patch.name} does not apply at the current pin ({bad[0].outcome})",
                           hint="fix the series at its own pin first (`stackbuild check`), then rebase")
-    return tuple(Item(r.patch.series, r.patch.name, r.commit) for r in replay.results if r.commit)  # all, after `bad`
+    return tuple(Item(r.patch.series, r.patch.name, r.commit) for r in replayed.results if r.commit)  # all, after `bad`
 
 
 def make_plan(settings: Settings, cfg: Config, stack: str, source: str | None, onto: str) -> Plan:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import rebase as rb
-from .apply import sources_in_progress, state_dir_for
 from .config import NAME_RE, Config
 from .errors import RebaseError
 from .fsutil import atomic_write
 from .settings import Settings
+from .worktrees import sources_in_progress, state_dir_for
 
 GROUP_FILE = "_group.json"  # "_" keeps it apart from the per-source states (a source name never starts so)
 GROUP_VERSION = 1

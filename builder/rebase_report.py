@@ -12,10 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from . import apply
 from .errors import RebaseError
 from .git import out
 from .patches import Patch
+from .replay import Replayer
 
 if TYPE_CHECKING:
     from .rebase import Report
@@ -79,7 +79,7 @@ def plain_failures(git_dir: Path, parent: str, patch: Patch) -> tuple[str, ...]:
     replayed on): each file is probed on its own with the engine's hunk matcher, nothing written."""
     failed = []
     for diff in patch.files:
-        replayer = apply.Replayer(git_dir, parent, paths={p for p in (diff.old_path, diff.new_path) if p})
+        replayer = Replayer(git_dir, parent, paths={p for p in (diff.old_path, diff.new_path) if p})
         try:
             if not replayer.probe(replace(patch, files=(diff,))):
                 failed.append(diff.path if diff.old_path is None else diff.old_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from builder.apply import _FileState, apply_hunks
+from builder.hunks import FileState, apply_hunks
 from builder.patches import split_lf
 from builder.patches import parse_patch
 
@@ -82,7 +82,7 @@ def test_same_result_as_git_apply(case):
     patch = parse_patch(patch_bytes, series="s", name="p", where="p")
     (diff,) = patch.files
     lines = split_lf(target)
-    state, _offset, _fuzz, failed = apply_hunks(_FileState("100644", lines, [None] * len(lines)), diff.hunks, 0,
+    state, _offset, _fuzz, failed = apply_hunks(FileState("100644", lines, [None] * len(lines)), diff.hunks, 0,
                                                 "p", diff.path, None)
     ours = None if state is None else b"".join(state.lines)
     assert ours == expected, (patch_bytes, target)
@@ -140,7 +140,7 @@ def _commit_tree(repo: Path, files: dict[str, bytes], modes: dict[str, int]) -> 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree_scenario())
 def test_whole_patches_same_tree_as_git_apply(case):
-    from builder.apply import Replayer
+    from builder.replay import Replayer
 
     base, new, modes, target = case
     with tempfile.TemporaryDirectory() as tmp_name:

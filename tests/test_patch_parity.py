@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.apply import ALREADY, CONFLICT, MALFORMED, replay
+from builder.replay import ALREADY, CONFLICT, MALFORMED, replay
 from builder.errors import PatchError
 from builder.patches import parse_patch
 from conftest import Upstream, sh, write_project

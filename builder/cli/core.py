@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .. import apply
+from .. import apply, worktrees
+from ..replay import MALFORMED
 from ..errors import ApplyError, ConfigError, PatchError
 from ..report import console, junit, patch_table, simple_table
 from ..series import describe_series, unused_patch_files
@@ -159,7 +160,7 @@ def check_cmd(ctx: Context, stacks: tuple[str, ...], at: tuple[str, ...], fmt: s
     if not all(r.ok for r in reports):
         bad = next(p for r in data for s in r["sources"] for p in s["patches"] if not p["ok"])
         # A patch no git would take (malformed) is a patch error, as `apply` reports it.
-        kind = PatchError if any(p["outcome"] == apply.MALFORMED for r in data for s in r["sources"]
+        kind = PatchError if any(p["outcome"] == MALFORMED for r in data for s in r["sources"]
                                  for p in s["patches"]) else ApplyError
         err = kind(f"{sum(1 for r in data for s in r['sources'] for p in s['patches'] if not p['ok'])} patch(es) "
                          f"do not apply; first: {bad['patch']} ({bad['outcome']})", where="check",
@@ -177,7 +178,7 @@ def status_cmd(ctx: Context, stacks: tuple[str, ...]) -> None:
 
     def go() -> list[dict]:
         config = ctx.config()
-        return apply.status(ctx.settings(config), config, stacks)
+        return worktrees.status(ctx.settings(config), config, stacks)
 
     def render(rows: list[dict]) -> None:
         def state(r: dict) -> str:
