@@ -17,14 +17,14 @@ from typing import Collection, Sequence
 from .config import Config, ResolvedStack, Source
 from .duplicates import Duplicate, find_duplicates
 from .errors import ApplyError, PatchError
-from .fsutil import atomic_write, deferred_interrupts, locked, sha256
+from .fsutil import atomic_write, deferred_interrupts, sha256
 from .patches import Patch
 from .series import load_stack_patches
 from .settings import Settings
 from .replay import ENGINE_VERSION, FUZZ, PatchResult, Replay, replay
 from .sources import Synced, fetch_ref, sync
 from .worktrees import (STATE_FILE, Backup, Journal, branch_of, inspect_worktree, journaled_move, read_journal, read_state,
-                        refuse_during_rebase, settle, stack_dir)
+                        refuse_during_rebase, settle, stack_dir, work_lock)
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def apply_stack(settings: Settings, config: Config, name: str, *, allow_fuzz: in
     patch that does not apply stops its source at the last good commit.
     """
     root = stack_dir(settings, name)
-    with locked(root / ".lock", f"the work directory of stack '{name}'"):
+    with work_lock(root):
         prep = prepare(settings, config, name, progress=progress)
         state = read_state(settings, name)
         branch = branch_of(name)

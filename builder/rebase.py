@@ -27,15 +27,16 @@ from typing import Callable, Mapping, Sequence, cast
 
 from . import sources
 from .replay import ALREADY, CLEAN, OFFSET, THREEWAY, Replayer, replay
-from .worktrees import STATE_FILE, create_worktree, rebase_state_path, record_worktree, sources_in_progress, state_dir_for
+from .worktrees import (STATE_FILE, create_worktree, rebase_state_path, record_worktree, sources_in_progress, state_dir_for,
+                        work_lock)
 from .bisect import History, Upstream
 from .config import Config, ResolvedStack
 from .errors import ExportError, RebaseError
 from .export import SeriesSpec, apply_export, canonical_range, plan_export, series_specs
-from .fsutil import atomic_write, locked
+from .fsutil import atomic_write
 from .git import EMAIL, EPOCH, IDENTITY, git, out
 from .patches import Patch, parse_patch
-from .rebase_report import (FileCommits, PathChange, commits_by_file, details_markdown, merged_files, path_changes,
+from .rebase_report import (FileCommits, PathChange, commits_by_file, markdown, merged_files, path_changes,
                             plain_failures, pr_number, touched)
 from .series import load_stack_patches, series_fuzz
 from .sources import git_source
@@ -44,7 +45,6 @@ from .settings import Settings
 STATE_VERSION = 1
 # The engine's committer: a commit made by a merge or a resolution looks like one made by apply.
 FIXED_IDENTITY = {"GIT_COMMITTER_NAME": IDENTITY, "GIT_COMMITTER_EMAIL": EMAIL, "GIT_COMMITTER_DATE": EPOCH}
-OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
 BATCH = 25  # in-memory commits per fast-import: few processes, and a crash repeats at most this many
 
 
@@ -197,12 +197,6 @@ def load_state(state_dir: Path, source: str) -> State:
                           hint="restore it, or delete it and the .backup folder beside it by hand") from None
 
 
-def work_lock(state_dir: Path, source: str):
-    """apply's lock on the stack's work directory: no apply (or other rebase) moves the worktree
-    meanwhile. A kernel lock: a killed process releases it."""
-    return locked(state_dir.parent / ".lock", f"the work directory of stack '{state_dir.parent.name}' ({source})")
-
-
 # ---------------------------------------------------------------------------------------------
 # git helpers specific to replaying
 
@@ -291,7 +285,7 @@ def _prepare_worktree(plan: Plan, before: Mapping) -> None:
 
 
 def start(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refresh_context: bool = False) -> Report:
-    with work_lock(plan.state_dir, plan.source):
+    with work_lock(plan.state_dir.parent, plan.source):
         state = begin(plan, drop_merged=drop_merged, decode=decode, refresh_context=refresh_context)
         return advance(plan.state_dir, state)
 
@@ -326,7 +320,7 @@ def begin(plan: Plan, *, drop_merged: bool = False, decode: bool = False, refres
 
 def resume(state_dir: Path, source: str, action: str) -> Report:
     """action: continue | skip | abort."""
-    with work_lock(state_dir, source):
+    with work_lock(state_dir.parent, source):
         return resume_locked(state_dir, source, action)
 
 
@@ -601,38 +595,6 @@ def report_of(state: State, status: str, export: Mapping | None = None) -> Repor
 def _write_report(state_dir: Path, report: Report) -> None:
     atomic_write(state_dir.parent / f"rebase-{report.source}.json", json.dumps(report.to_json(), indent=2).encode())
     atomic_write(state_dir.parent / f"rebase-{report.source}.md", markdown(report).encode())
-
-
-# ---------------------------------------------------------------------------------------------
-# rendering
-
-
-def markdown(report: Report) -> str:
-    """A summary a person can paste into a pull request."""
-    counts = {o: sum(1 for r in report.results if r.outcome == o) for o in OUTCOMES}
-    lines = [
-        f"### Rebase of `{report.source}` in stack `{report.stack}`: {report.status}",
-        "",
-        f"`{report.old_pin[:12]}` → `{report.onto[:12]}` — "
-        + ", ".join(f"{n} {o}" for o, n in counts.items() if n),
-        "",
-        "| # | Patch | Outcome | Files | +/- | Breaking upstream commit |",
-        "|---|-------|---------|-------|-----|--------------------------|",
-    ]
-    for i, r in enumerate(report.results, 1):
-        outcome = r.outcome + (" (dropped)" if r.dropped else "")
-        brk = f"`{r.breaking.sha[:12]}` {_md(r.breaking.subject)} ({r.breaking.date[:10]})" if r.breaking else ""
-        lines.append(f"| {i} | `{r.series}/{r.name}` | {outcome} | {len(r.files)} | +{r.insertions}/-{r.deletions} | {brk} |")
-    if report.stopped_at and report.stopped_at.conflicted_files:
-        s = report.stopped_at
-        lines += ["", f"Stopped at `{s.series}/{s.name}`; conflicted: " + ", ".join(f"`{f}`" for f in s.conflicted_files)]
-        lines += [f"- `{u.sha[:12]}` {_md(u.subject)} — {_md(u.author)}" for u in s.upstream_commits]
-    lines += details_markdown(report)
-    return "\n".join(lines) + "\n"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 # ---------------------------------------------------------------------------------------------

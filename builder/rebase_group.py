@@ -21,7 +21,8 @@ from .config import NAME_RE, Config
 from .errors import RebaseError
 from .fsutil import atomic_write
 from .settings import Settings
-from .worktrees import sources_in_progress, state_dir_for
+from .rebase_report import markdown as report_markdown
+from .worktrees import sources_in_progress, state_dir_for, work_lock
 
 GROUP_FILE = "_group.json"  # "_" keeps it apart from the per-source states (a source name never starts so)
 GROUP_VERSION = 1
@@ -132,7 +133,7 @@ def start(settings: Settings, cfg: Config, stack: str, targets: Sequence[tuple[s
     # Every source's plan (mirror, REF fetched, old series replayed) before anything is written.
     plans = [rb.make_plan(settings, cfg, stack, src, ref) for src, ref in targets]
     state_dir = plans[0].state_dir
-    with rb.work_lock(state_dir, "+".join(p.source for p in plans)):
+    with work_lock(state_dir.parent, "+".join(p.source for p in plans)):
         busy = sources_in_progress(state_dir) + (["(several)"] if _path(state_dir).exists() else [])
         if busy:
             raise RebaseError(f"a rebase of stack '{stack}' is already in progress ({', '.join(busy)})",
@@ -153,7 +154,7 @@ def start(settings: Settings, cfg: Config, stack: str, targets: Sequence[tuple[s
 
 def resume(state_dir: Path, action: str) -> GroupReport:
     group = _load(state_dir)
-    with rb.work_lock(state_dir, "+".join(group.sources)):
+    with work_lock(state_dir.parent, "+".join(group.sources)):
         group = _load(state_dir)
         if action == "abort" or group.phase == "starting":
             report = _abort(state_dir, group)
@@ -213,7 +214,7 @@ def _rmdir(state_dir: Path) -> None:
 
 def markdown(report: GroupReport) -> str:
     title = f"## Rebase of stack `{report.stack}` ({len(report.reports)} sources): {report.status}\n\n"
-    return title + "\n".join(rb.markdown(r) for r in report.reports)
+    return title + "\n".join(report_markdown(r) for r in report.reports)
 
 
 def rebase(settings: Settings, cfg: Config | None, stack: str | None, source: str | None, *, onto: Sequence[str],

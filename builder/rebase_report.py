@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # GitHub's squash merges end the subject with " (#12345)"; its merge commits say "Merge pull request #12345".
 _PR_RE = re.compile(r"\(#(\d+)\)")
 _MERGE_PR_RE = re.compile(r"^Merge pull request #(\d+)\b")
+# Every word a rebase gives a patch, in the order the summary counts them.
+OUTCOMES = ("unchanged", "moved", "merged", "upstream", "conflict")
 
 
 def pr_number(subject: str) -> int | None:
@@ -111,6 +113,31 @@ def commits_by_file(git_dir: Path, old: str, new: str, paths: Sequence[str], lim
             if name in per and len(per[name]) < limit:
                 per[name].append(sha.strip())
     return tuple(FileCommits(p, tuple(per[p])) for p in paths)
+
+
+
+def markdown(report: Report) -> str:
+    """A summary a person can paste into a pull request."""
+    counts = {o: sum(1 for r in report.results if r.outcome == o) for o in OUTCOMES}
+    lines = [
+        f"### Rebase of `{report.source}` in stack `{report.stack}`: {report.status}",
+        "",
+        f"`{report.old_pin[:12]}` → `{report.onto[:12]}` — "
+        + ", ".join(f"{n} {o}" for o, n in counts.items() if n),
+        "",
+        "| # | Patch | Outcome | Files | +/- | Breaking upstream commit |",
+        "|---|-------|---------|-------|-----|--------------------------|",
+    ]
+    for i, r in enumerate(report.results, 1):
+        outcome = r.outcome + (" (dropped)" if r.dropped else "")
+        brk = f"`{r.breaking.sha[:12]}` {_md(r.breaking.subject)} ({r.breaking.date[:10]})" if r.breaking else ""
+        lines.append(f"| {i} | `{r.series}/{r.name}` | {outcome} | {len(r.files)} | +{r.insertions}/-{r.deletions} | {brk} |")
+    if report.stopped_at and report.stopped_at.conflicted_files:
+        s = report.stopped_at
+        lines += ["", f"Stopped at `{s.series}/{s.name}`; conflicted: " + ", ".join(f"`{f}`" for f in s.conflicted_files)]
+        lines += [f"- `{u.sha[:12]}` {_md(u.subject)} — {_md(u.author)}" for u in s.upstream_commits]
+    lines += details_markdown(report)
+    return "\n".join(lines) + "\n"
 
 
 def details_markdown(report: Report) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from .config import Config
 from .errors import ApplyError, LockError, StackbuildError
-from .fsutil import atomic_write, sha256
+from .fsutil import atomic_write, locked, sha256
 from .git import git, hint_for
 from .series import stack_patch_digests
 from .settings import Settings
@@ -45,6 +45,12 @@ def rebase_state_path(state_dir: Path, source: str) -> Path:
 def sources_in_progress(state_dir: Path) -> list[str]:
     # A source name never starts with "_" (config.NAME_RE): such files belong to a multi-source rebase.
     return sorted(p.stem for p in state_dir.glob("*.json") if not p.name.startswith("_")) if state_dir.is_dir() else []
+
+
+def work_lock(root: Path, detail: str = ""):
+    """The lock on a stack's work directory ROOT: no apply or rebase moves its worktrees meanwhile.
+    A kernel lock: a killed process releases it. DETAIL (the sources) goes into the message."""
+    return locked(root / ".lock", f"the work directory of stack '{root.name}'" + (f" ({detail})" if detail else ""))
 
 
 def branch_of(stack: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from builder import rebase as rb
-from builder.rebase_report import FileCommits, PathChange, pr_number
+from builder.rebase_report import FileCommits, PathChange, markdown, pr_number
 from gitfixtures_rebase import lines, new_project, run
 
 
@@ -54,7 +54,7 @@ def test_report_names_renames_deletions_merged_files_prs_and_commits_per_file(tm
     assert two.merged_files == ("two.txt",)
     assert two.commits_by_file == (FileCommits("c.txt", (c2, c1)),)
     assert [u.pr for u in two.upstream_commits if u.sha in (c1, c2)] == [777, 12345]
-    md = rb.markdown(report)
+    md = markdown(report)
     assert "#### `xpu/0002-two.patch`: conflict" in md
     assert "- conflicts after the three-way merge: `c.txt`" in md
     assert "- plain apply failed, the three-way merge took: `two.txt`" in md
@@ -74,7 +74,7 @@ def test_report_names_renames_deletions_merged_files_prs_and_commits_per_file(tm
     assert gone.path_changes == (PathChange("gone.txt", "deleted"),)
     assert gone.breaking.sha == deleting and gone.breaking.pr is None
     assert gone.commits_by_file == (FileCommits("gone.txt", (deleting,)),)
-    assert "- upstream deleted `gone.txt`" in rb.markdown(report)
+    assert "- upstream deleted `gone.txt`" in markdown(report)
     data = json.loads(json.dumps(report.to_json()))
     assert data["stopped_at"]["path_changes"] == [{"path": "gone.txt", "change": "deleted", "new_path": None}]
     assert data["results"][0]["merged_files"] == ["old/model.py"]

@@ -11,6 +11,7 @@ from .. import bisect as bisect_mod
 from .. import export as export_mod
 from .. import horizon as horizon_mod
 from .. import rebase as rb
+from .. import rebase_report
 from .. import rebase_group as group_mod
 from .. import vendor as vendor_mod
 from ..errors import ConfigError, RebaseError
@@ -47,7 +48,7 @@ def rebase_cmd(ctx: Context, stack: str | None, source: str | None, onto: tuple[
 
     report = run(ctx, call)
     if markdown_file:
-        text = group_mod.markdown(report) if isinstance(report, group_mod.GroupReport) else rb.markdown(report)
+        text = group_mod.markdown(report) if isinstance(report, group_mod.GroupReport) else rebase_report.markdown(report)
         atomic_write(markdown_file, text.encode())
     if isinstance(report, group_mod.GroupReport):
         emit(ctx, report.to_json(), lambda _: _render_group(report))
