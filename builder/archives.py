@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -20,10 +18,12 @@ from urllib.parse import urlparse
 
 import requests
 
+from . import http
 from .config import PYPI_PIN_RE, Source
 from .errors import SourceError
 from .fsutil import sha256_file
 from .git import git
+from .http import pip_setting  # smoke reads the index URL through it too
 from .settings import Settings
 
 CHUNK = 1 << 20
@@ -32,33 +32,6 @@ CHUNK = 1 << 20
 def _git(args: list[str], *, env: dict | None = None) -> str:
     """The git runner's fixed identity and date make the import commit the same on every machine."""
     return git(args, env=env, hint="check disk space and that git is installed").stdout.decode().strip()
-
-
-def pip_setting(name: str) -> str | None:
-    """A pip setting as pip itself would see it: PIP_* environment first, then `pip config`."""
-    env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
-    if env:
-        return env
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = None
-    for line in out.splitlines():
-        key, _, value = line.partition("=")
-        if key.rsplit(".", 1)[-1] == name:
-            found = value.strip().strip("'\"")  # later lines (more specific scopes) win, like pip
-    return found
-
-
-def ca_bundle() -> str | bool:
-    """The CA bundle pip is configured with, else the system's, else requests' own."""
-    for candidate in (os.environ.get("REQUESTS_CA_BUNDLE"), os.environ.get("SSL_CERT_FILE"), pip_setting("cert")):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return True
 
 
 def index_url() -> str:
@@ -81,8 +54,7 @@ def _download(url: str, dest: Path, sha256: str, what: str) -> Path:
                 with open(parsed.path if parsed.scheme else url, "rb") as src:
                     shutil.copyfileobj(src, out, CHUNK)
             else:
-                with requests.get(url, stream=True, timeout=120, verify=ca_bundle()) as resp:
-                    resp.raise_for_status()
+                with http.get(url, stream=True) as resp:
                     for block in resp.iter_content(CHUNK):
                         out.write(block)
         got = sha256_file(tmp)
@@ -115,9 +87,8 @@ def _pypi_sdist(settings: Settings, source: Source) -> tuple[str, str, str]:
 
     endpoint = index_url()
     try:
-        with PyPISimple(endpoint) as client:
-            client.s.verify = ca_bundle()
-            page = client.get_project_page(project, timeout=60)
+        # Not `with`: leaving the client would close the shared session.
+        page = PyPISimple(endpoint, session=http.session()).get_project_page(project, timeout=60)
     except NoSuchProjectError:
         raise SourceError(f"no project '{project}' on the index", where=f"{endpoint} (sources.{source.name})") from None
     except requests.RequestException as exc:

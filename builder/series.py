@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
+
+from . import http
 from .config import Config, PatchRef, ResolvedStack, Series
 from .errors import PatchError, SeriesError
 from .fsutil import atomic_write, sha256
@@ -111,9 +113,8 @@ def fetch_remote(settings: Settings, ref: PatchRef) -> Path:
         if _is_local(target):
             raw = Path(urllib.parse.urlparse(target).path if target.startswith("file:") else target).read_bytes()
         else:
-            with urllib.request.urlopen(target, timeout=120) as response:  # noqa: S310 (URLs come from stack.toml)
-                raw = response.read()
-    except (OSError, ValueError) as exc:
+            raw = http.get(target).content
+    except (OSError, ValueError, requests.RequestException) as exc:
         raise PatchError(f"cannot fetch remote patch from {target}: {exc}", where=ref.where,
                          hint="check the network, or map the URL to a local copy with [mirrors] / STACKBUILD_MIRRORS") from None
     data = decode(raw, encoding_of(ref.name), ref.url)
