@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder import bisect as bs  # noqa: E402
+from builder import bisection as bs  # noqa: E402
 from builder import horizon as hz  # noqa: E402
 from builder import rebase as rb  # noqa: E402
 from builder.apply import apply_stack  # noqa: E402

@@ -18,12 +18,12 @@ from urllib.parse import urlparse
 
 import requests
 
-from . import http
+from . import httpclient as http
 from .config import PYPI_PIN_RE, Source
 from .errors import SourceError
 from .fsutil import sha256_file
 from .git import git
-from .http import pip_setting  # smoke reads the index URL through it too
+from .httpclient import pip_setting  # smoke reads the index URL through it too
 from .settings import Settings
 
 CHUNK = 1 << 20

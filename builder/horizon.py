@@ -5,7 +5,7 @@ REF. For each patch it finds the newest commit at which the patch still applies 
 an offset), with the fuzz its series allows, by three-way merge, or already upstream: whatever
 `stackbuild apply` accepts — and the first commit at which it stops applying; for the stack, the
 newest commit at which every patch applies, i.e. how far the pin can move today with no patch
-edited. It uses bisect's search (`bisect.search`: good at the low end, bad at the high end, so
+edited. It uses bisect's search (`bisection.search`: good at the low end, bad at the high end, so
 every answer is a real transition) with probes cached per commit and shared between patches: at
 most ⌈log2 N⌉ + 2 probes per patch. A probe is the apply engine's verdict for the whole series at
 one commit with nothing written but the objects a three-way merge needs.
@@ -26,7 +26,7 @@ from .errors import RebaseError
 from .fsutil import atomic_write
 from .patches import Patch
 from .replay import PatchResult, Replayer
-from .bisect import Upstream, commit_info, first_parent_range, search
+from .bisection import Upstream, commit_info, first_parent_range, search
 from .sources import git_source
 from .series import load_stack_patches
 from .settings import Settings

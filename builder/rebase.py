@@ -29,7 +29,7 @@ from . import sources
 from .replay import ALREADY, CLEAN, OFFSET, THREEWAY, Replayer, replay
 from .worktrees import (STATE_FILE, create_worktree, rebase_state_path, record_worktree, sources_in_progress, state_dir_for,
                         work_lock)
-from .bisect import History, Upstream
+from .bisection import History, Upstream
 from .config import Config, ResolvedStack
 from .errors import ExportError, RebaseError
 from .export import SeriesSpec, apply_export, canonical_range, plan_export, series_specs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import requests
 
-from . import http
+from . import httpclient as http
 from .config import Config, PatchRef, ResolvedStack, Series
 from .errors import PatchError, SeriesError
 from .fsutil import atomic_write, sha256

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-from builder import bisect as bs
+from builder import bisection as bs
 from builder import rebase as rb
 from gitfixtures_rebase import lines, new_project, replay_old, run
 

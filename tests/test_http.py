@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from builder import http
+from builder import httpclient as http
 
 
 def serve(answers: list[int]):

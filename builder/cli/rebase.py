@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .. import bisect as bisect_mod
+from .. import bisection as bisect_mod
 from .. import export as export_mod
 from .. import horizon as horizon_mod
 from .. import rebase as rb
