@@ -310,3 +310,75 @@ def test_header_name_lines_in_any_order_go_to_git(upstream: Upstream, base: str,
     head = ("diff --git a/n.txt b/n.txt", "new file mode 100644") if new else ("diff --git a/a.txt b/a.txt",)
     hunk = ("@@ -0,0 +1 @@", "+x") if new else HUNK_A
     both(upstream, base, section(*head, *names, *hunk), tmp_path)
+
+
+# Classes the 50,000-case fuzzer run found.
+# apply.c git_header_name: a 'diff --git' line gives both sides one name only when it shows up
+# twice in exactly the same form; an unterminated quote, or a quoted name beside a plain one,
+# gives none, and parse_git_diff_header refuses a header that names the file nowhere else.
+@pytest.mark.parametrize("first", ['diff --git a/a.txt "/a.txt', 'diff --git a/a.txt "b/a.txt',
+                                   'diff --git "a/a.txt b/a.txt', 'diff --git "a/a.txt" b/a.txt'])
+def test_header_without_a_name_git_can_read_is_malformed(upstream: Upstream, base: str, tmp_path: Path, first: str):
+    ours, theirs = both(upstream, base, section(first, "old mode 100644", "new mode 100755"), tmp_path)
+    words = "git diff header lacks filename information when removing 1 leading pathname component (line 4)"
+    assert words in theirs.message
+    assert ours.outcome == MALFORMED and words in ours.message
+
+
+@pytest.mark.parametrize("first", ['diff --git "a/a.txt" "b/a.txt"', "diff --git a/a.txt\tb/a.txt"])
+def test_header_names_git_can_read(upstream: Upstream, base: str, tmp_path: Path, first: str):
+    ours, theirs = both(upstream, base, section(first, "old mode 100644", "new mode 100755"), tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c check_header_line: a section is at most one of creation, deletion, rename and copy.
+@pytest.mark.parametrize("lines,numbers", [
+    (("new file mode 100644", "deleted file mode 100644", "old mode 100644", "new mode 100755"), "2 and 3"),
+    (("old mode 100644", "new file mode 100644", "new mode 100755", "rename from a.txt"), "3 and 5"),
+    (("copy from a.txt", "rename to m.txt"), "2 and 3"),
+])
+def test_inconsistent_header_lines_are_malformed(upstream: Upstream, base: str, tmp_path: Path,
+                                                 lines: tuple[str, ...], numbers: str):
+    ours, theirs = both(upstream, base, section("diff --git a/a.txt b/a.txt", *lines), tmp_path)
+    assert f"inconsistent header lines {numbers}" in theirs.message
+    assert ours.outcome == MALFORMED and f"inconsistent header lines {numbers}" in ours.message
+
+
+# apply.c find_name_common: a name with nothing after its -p prefix ('+++ b/') names nothing. A
+# traditional diff takes the other side's name (find_name_traditional's default); a git header
+# is left with one side unnamed, which parse_git_diff_header refuses.
+@pytest.mark.parametrize("names,accepted", [
+    (("--- a/a.txt", "+++ b/"), True),
+    (("--- a/", "+++ b/a.txt"), True),
+    (("--- /dev/null", "+++ b/"), False),
+    (("diff --git a/a.txt b/a.txt", "--- a/a.txt", "+++ b/"), False),
+])
+def test_empty_names_are_read_as_git_reads_them(upstream: Upstream, base: str, tmp_path: Path,
+                                                names: tuple[str, ...], accepted: bool):
+    hunk = HUNK_A if names[0] != "--- /dev/null" else ("@@ -0,0 +1 @@", "+x")
+    ours, theirs = both(upstream, base, section(*names, *hunk), tmp_path)
+    assert theirs.accepted is accepted and ours.accepted is accepted
+    if not accepted:
+        assert ours.outcome == MALFORMED and theirs.message.strip().removeprefix("error: ") in ours.message
+
+
+# A blank or CR-only line ends a git header (parse_git_diff_header: gitdiff_unrecognized), and
+# the ---/+++ pair after it starts a second, traditional section for the same path: git's
+# check_patch asks only the index whether a created path exists, so both creations pass and the
+# later one wins. Repeated paths are git's to decide.
+@pytest.mark.parametrize("blank", ["", " ", "\r"])
+def test_a_path_created_twice_in_one_patch(upstream: Upstream, base: str, tmp_path: Path, blank: str):
+    patch = section("diff --git a/n.txt b/n.txt", "new file mode 120000", blank, "--- /dev/null", "+++ b/n.txt",
+                    "@@ -0,0 +1,2 @@", "+x", "+y")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+def test_a_type_change_stays_ours(upstream: Upstream, base: str, tmp_path: Path):
+    patch = section("diff --git a/b.txt b/b.txt", "deleted file mode 100644", "--- a/b.txt", "+++ /dev/null",
+                    "@@ -1,3 +0,0 @@", "-alpha", "-beta", "-gamma",
+                    "diff --git a/b.txt b/b.txt", "new file mode 120000", "--- /dev/null", "+++ b/b.txt",
+                    "@@ -0,0 +1 @@", "+a.txt", "\\ No newline at end of file")
+    assert not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
