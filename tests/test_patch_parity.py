@@ -382,3 +382,19 @@ def test_a_type_change_stays_ours(upstream: Upstream, base: str, tmp_path: Path)
     assert not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)
     ours, theirs = both(upstream, base, patch, tmp_path)
     assert ours.accepted and theirs.accepted
+
+
+# apply.c gitdiff_verify_name: the first name a header gives a side stays; every later one, and
+# /dev/null for a created or deleted side, must agree with it.
+@pytest.mark.parametrize("lines,words", [
+    (("new file mode 100644", "--- a/a.txt", "+++ b/a.txt"), "expected /dev/null on line"),
+    (("deleted file mode 100644", "--- a/a.txt", "+++ b/a.txt"), "expected /dev/null on line"),
+    (("new file mode 100644", "--- /dev/null", "+++ b/b.txt"), "inconsistent new filename on line"),
+    (("deleted file mode 100644", "--- /dev/null", "+++ /dev/null"), "inconsistent old filename on line"),
+    (("--- a/a.txt", "+++ b/a.txt", "deleted file mode 100644", "+++ /dev/null"), "expected /dev/null, got a.txt"),
+])
+def test_header_names_that_disagree_are_malformed(upstream: Upstream, base: str, tmp_path: Path,
+                                                  lines: tuple[str, ...], words: str):
+    ours, theirs = both(upstream, base, section("diff --git a/a.txt b/a.txt", *lines, *HUNK_A), tmp_path)
+    assert f"git apply: bad git-diff - {words}" in theirs.message
+    assert ours.outcome == MALFORMED and f"git apply: bad git-diff - {words}" in ours.message
