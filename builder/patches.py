@@ -363,6 +363,11 @@ def git_header_name(buf: bytes, pos: int, end: int, p: int) -> bytes | None:
     return None
 
 
+def _squash(name: bytes) -> bytes:
+    """apply.c squash_slash: runs of slashes become one."""
+    return SLASHES.sub(b"/", name) if b"//" in name else name
+
+
 def _find_name(buf: bytes, pos: int, end: int, p: int, term_tab: bool) -> bytes | None:
     """apply.c find_name without a default: a quoted name (find_name_gnu), else the text up to
     a LF, a CR or (TERM_TAB) a tab, without its first P components, slashes squashed."""
@@ -371,24 +376,32 @@ def _find_name(buf: bytes, pos: int, end: int, p: int, term_tab: bool) -> bytes 
         if got is not None:
             parts = got[0].split(b"/", p)  # find_name_gnu: past the first P slashes, wherever they are
             if len(parts) > p:
-                return re.sub(rb"/+", b"/", parts[p])
+                return _squash(parts[p])
     line = buf[pos:end]
-    stop = re.search(rb"[\n\r\t]" if term_tab else rb"[\n\r]", line)
+    stop = (NAME_END_TAB if term_tab else NAME_END).search(line)
     text = line[:stop.start()] if stop else line
     if p:
         parts = text.split(b"/", p)
         if len(parts) <= p:
             return None
         text = parts[p]
-    return re.sub(rb"/+", b"/", text) or None
+    return _squash(text) or None
+
+
+SLASHES = re.compile(rb"/+")
+NAME_END_TAB = re.compile(rb"[\n\r\t]")
+NAME_END = re.compile(rb"[\n\r]")
 
 # Code points HFS+ ignores in names, so ".g\u200cit" is ".git" there (git's is_hfs_dotgit in utf8.c).
 HFS_IGNORABLE = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
 # Every line apply.c's parse_git_diff_header reads as part of a git header.
 # parse_git_diff_header's table, in its order: the first prefix a line starts with decides.
-GIT_HEADER_OPS = (b"@@ -", b"--- ", b"+++ ", b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode ",
-                  b"copy from ", b"copy to ", b"rename old ", b"rename new ", b"rename from ", b"rename to ",
-                  b"similarity index ", b"dissimilarity index ", b"index ")
+GIT_HEADER_OP = re.compile(rb"@@ -|--- |\+\+\+ |old mode |new mode |deleted file mode |new file mode |copy from |"
+                           rb"copy to |rename old |rename new |rename from |rename to |similarity index |"
+                           rb"dissimilarity index |index ")
+GIT_EXTENSION_OPS = {b"deleted file mode ": b"deleted", b"new file mode ": b"new", b"copy from ": b"copy",
+                     b"copy to ": b"copy", b"rename old ": b"rename", b"rename new ": b"rename",
+                     b"rename from ": b"rename", b"rename to ": b"rename"}
 GIT_HEADERS = (b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode ", b"copy from ", b"copy to ",
                b"rename old ", b"rename new ", b"rename from ", b"rename to ", b"similarity index ",
                b"dissimilarity index ", b"index ")
@@ -528,19 +541,20 @@ class _Parser:
         def_name = git_header_name(*self.at(k, len(b"diff --git ")), p)
         old: bytes | None = None
         new: bytes | None = None
-        flags = {"new": False, "delete": False, "rename": False, "copy": False}
+        kinds: set[bytes] = set()  # of creation, deletion, rename and copy, which lines said
         first_ext = 0
         j = k + 1
         n = len(self.lines)
         while j < n:
             raw = self.lines[j]
-            if not raw.endswith(b"\n"):
-                break
-            op = next((o for o in GIT_HEADER_OPS if raw.startswith(o)), b"")
+            m = GIT_HEADER_OP.match(raw)
+            if m is None or not raw.endswith(b"\n"):
+                break  # gitdiff_unrecognized ends the header, as does an unterminated line
+            op = m.group()
             if op in (b"--- ", b"+++ "):
-                side = "old" if op == b"--- " else "new"
                 # gitdiff_verify_name: the first name sets the side, any later one must agree.
-                known, isnull = (old, flags["new"]) if side == "old" else (new, flags["delete"])
+                side = "old" if op == b"--- " else "new"
+                known, isnull = (old, b"new" in kinds) if side == "old" else (new, b"deleted" in kinds)
                 if known is None and not isnull:
                     known = self.find_name(j, 4, p)
                 elif known is not None:
@@ -556,24 +570,24 @@ class _Parser:
                     old = known
                 else:
                     new = known
-            elif op == b"deleted file mode ":
-                flags["delete"], old = True, def_name
-            elif op == b"new file mode ":
-                flags["new"], new = True, def_name
-            elif op in (b"copy from ", b"rename from ", b"rename old "):
-                flags["copy" if op == b"copy from " else "rename"] = True
-                old = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
-            elif op in (b"copy to ", b"rename to ", b"rename new "):
-                flags["copy" if op == b"copy to " else "rename"] = True
-                new = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
-            # check_header_line: one patch is at most one of creation, deletion, rename and copy.
-            if sum(flags.values()) > 1:
-                raise self.error(f"inconsistent header lines {first_ext} and {j + 1}", j + 1,
-                                 hint="a file section may create, delete, rename or copy a file, only one of them")
-            if any(flags.values()) and not first_ext:
-                first_ext = j + 1
-            if op in (b"@@ -", b""):
+            elif op == b"@@ -":
                 break
+            elif op in GIT_EXTENSION_OPS:
+                kind = GIT_EXTENSION_OPS[op]
+                if op == b"deleted file mode ":
+                    old = def_name
+                elif op == b"new file mode ":
+                    new = def_name
+                elif op.endswith((b"from ", b"old ")):
+                    old = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
+                else:
+                    new = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
+                kinds.add(kind)
+                # check_header_line: a section is at most one of creation, deletion, rename, copy.
+                if len(kinds) > 1:
+                    raise self.error(f"inconsistent header lines {first_ext} and {j + 1}", j + 1,
+                                     hint="a file section may create, delete, rename or copy a file, only one of them")
+                first_ext = first_ext or j + 1
             j += 1
         if old is None and new is None:
             if def_name is None:
@@ -581,7 +595,7 @@ class _Parser:
                                  f"component{'' if p == 1 else 's'} (line {j + 1})", k + 1,
                                  hint="the 'diff --git' line names two different files and nothing after it says which")
             old = new = def_name
-        if (new is None and not flags["delete"]) or (old is None and not flags["new"]):
+        if (new is None and b"deleted" not in kinds) or (old is None and b"new" not in kinds):
             raise self.error(f"git diff header lacks filename information (line {j + 1})", k + 1,
                              hint="the header names the file on one side only")
         return def_name
