@@ -448,6 +448,15 @@ def canonical_mode(raw: bytes) -> str | None:
     return None
 
 
+def _strtoul(raw: bytes) -> int:
+    """C's strtoul(raw, NULL, 10): leading white space, a sign, the digits that follow; 0 when
+    there are none, a negative number wrapped as an unsigned long."""
+    m = re.match(rb"[ \t\n\v\f\r]*([+-]?)(\d*)", raw)
+    assert m is not None  # every part of the pattern may be empty
+    value = min(int(m.group(2) or b"0"), 2**64 - 1)
+    return (2**64 - value) % 2**64 if m.group(1) == b"-" else value
+
+
 def _b85_line(line: bytes) -> bytes | None:
     """One line of a binary literal (apply.c parse_binary_hunk): a length letter, base85 data."""
     n = len(line)
@@ -500,6 +509,8 @@ class _Parser:
         """TAB_ENDS: a tab ends the name (find_name's TERM_TAB), as on ---/+++ lines but not on
         rename/copy lines, whose names run to the end of the line."""
         strip = self.strip if strip is None else strip
+        if tab_ends and raw.startswith(b"/dev/null") and raw[9:10] in (b"", b" ", b"\t", b"\r", b"\n"):
+            return None  # apply.c is_dev_null: '/dev/null' and any whitespace after it
         raw = _unquote((raw.split(b"\t", 1)[0] if tab_ends else raw).rstrip(b"\r\n"))
         try:
             text = raw.decode("utf-8")
@@ -646,7 +657,9 @@ class _Parser:
             elif (raw.startswith(b"--- ") and self.i + 2 < n and self.lines[self.i + 1].startswith(b"+++ ")
                   and self.lines[self.i + 2].startswith(b"@@ -")):
                 files.append(self.traditional())  # apply.c find_header: a ---/+++ pair counts before a hunk only
-            elif raw.startswith(b"@@ -"):
+            elif raw.startswith(b"@@ -") and raw.endswith(b"\n") and HUNK_RE.match(raw.rstrip(b"\n")):
+                # apply.c find_header: only a fragment header that parses is an error here; git
+                # reads past any other line.
                 raise self.error("hunk without a file header ('--- a/…' and '+++ b/…')", self.i + 1)
             else:
                 self.i += 1
@@ -681,6 +694,10 @@ class _Parser:
         hunks = self.hunks()
         if not hunks:
             raise self.garbage()
+        if old is not None and new is not None and len(hunks) == 1 and hunks[0].old_count == 0:
+            # parse_single_patch leaves such a patch's is_new open, and check_preimage makes it a
+            # creation when the path is not in the index: git decides.
+            unusual = True
         unusual |= self.after_skipped
         self.after_skipped = False
         return FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start,
@@ -839,13 +856,13 @@ class _Parser:
         n = len(self.lines)
         for block in range(2):
             head = self.lines[self.i] if self.i < n else b""
-            m = re.match(rb"^(literal|delta) (\d+)\n$", head)
-            if not m:
+            method = next((w for w in (b"literal ", b"delta ") if head.startswith(w)), None)
+            if method is None:
                 if block == 0:
                     raise self.error(f"unrecognized binary patch at line {self.i}", self.i,
                                      hint="the binary part is damaged; re-create the patch with 'git diff --binary'")
                 return
-            size = int(m.group(2))
+            size = _strtoul(head[len(method):])  # parse_binary_hunk reads the size with strtoul
             self.i += 1
             chunks = []
             while True:

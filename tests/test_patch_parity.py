@@ -398,3 +398,37 @@ def test_header_names_that_disagree_are_malformed(upstream: Upstream, base: str,
     ours, theirs = both(upstream, base, section("diff --git a/a.txt b/a.txt", *lines, *HUNK_A), tmp_path)
     assert f"git apply: bad git-diff - {words}" in theirs.message
     assert ours.outcome == MALFORMED and f"git apply: bad git-diff - {words}" in ours.message
+
+
+# apply.c parse_binary_hunk reads 'literal N'/'delta N' with strtoul: what follows the number
+# (a tab, a space) does not make the block unreadable.
+@pytest.mark.parametrize("after", ["\t", " ", "  \t", "x"])
+def test_binary_size_line_is_read_as_strtoul_reads_it(upstream: Upstream, base: str, tmp_path: Path, after: str):
+    good = upstream.diff({"bin.dat": bytes(range(256)) * 4}, "--binary")
+    head, rest = good.split(b"literal ", 1)
+    size, tail = rest.split(b"\n", 1)
+    ours, theirs = both(upstream, base, head + b"literal " + size + after.encode() + b"\n" + tail, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c is_dev_null: '/dev/null' followed by any white space, as a diff tool may leave it.
+def test_dev_null_with_trailing_space_creates(upstream: Upstream, base: str, tmp_path: Path):
+    ours, theirs = both(upstream, base, section("--- /dev/null ", "+++ b/n.txt", "@@ -0,0 +1 @@", "+x"), tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c parse_single_patch/check_preimage: a traditional diff whose one hunk has no old lines
+# creates the file when the index does not have it.
+def test_traditional_hunk_without_old_lines_creates_a_missing_file(upstream: Upstream, base: str, tmp_path: Path):
+    ours, theirs = both(upstream, base, section("--- a/dir/", "+++ b/n.txt", "@@ -0,0 +1,2 @@", "+x", "+y"),
+                        tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c find_header: a line starting '@@ -' outside a section is an error only when it parses
+# as a fragment header; git reads past any other.
+def test_unparsable_hunk_header_after_a_mode_change_is_skipped(upstream: Upstream, base: str, tmp_path: Path):
+    patch = section("diff --git a/a.txt b/a.txt", "old mode 100644", "new mode 100755", "--- a/a.txt",
+                    "+++ b/a.txt", "\tline 1", "@@ -1,3 +1", "-line 2", "-line 3")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
