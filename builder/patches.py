@@ -754,9 +754,12 @@ class _Parser:
             elif m := INDEX_RE.match(raw):
                 info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
                 if m.group(3):
+                    # gitdiff_index: the mode is the old side's only; the new one stays the file's own
+                    info.pop("old_mode", None), info.pop("old_mode_raw", None)
                     unusual |= self.mode(m.group(3), line_no, info, "old_mode")
-                    unusual |= self.mode(m.group(3), line_no, info, "new_mode")
             elif raw.startswith(b"GIT binary patch") or (raw.startswith(b"Binary files ") and raw.endswith(b" differ")):
+                if self.i == start:
+                    break  # parse_git_diff_header reads no header before it: find_header skips the section
                 info["binary"] = True
                 if raw.startswith(b"Binary files "):
                     raise self.error(

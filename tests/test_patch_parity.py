@@ -432,3 +432,41 @@ def test_unparsable_hunk_header_after_a_mode_change_is_skipped(upstream: Upstrea
                     "+++ b/a.txt", "\tline 1", "@@ -1,3 +1", "-line 2", "-line 3")
     ours, theirs = both(upstream, base, patch, tmp_path)
     assert ours.accepted and theirs.accepted
+
+
+# apply.c check_preimage: the old mode a patch states ('old mode', 'deleted file mode', the
+# index line's) must be of the file's type; the index line's mode is the old side's only, the
+# result keeps the file's own mode. check_patch: a new mode must be of the old one's type.
+@pytest.mark.parametrize("lines,accepted", [
+    (("index 1234567..89abcde 100755", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), True),
+    (("index 1234567..89abcde 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("old mode 120000", "new mode 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("new mode 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("old mode 120000", "similarity index 100%", "rename from a.txt", "rename to z/a.txt"), False),
+])
+def test_stated_modes_must_fit_the_file(upstream: Upstream, base: str, tmp_path: Path, lines: tuple[str, ...],
+                                        accepted: bool):
+    first = "diff --git a/a.txt b/z/a.txt" if "rename to z/a.txt" in lines else "diff --git a/a.txt b/a.txt"
+    ours, theirs = both(upstream, base, section(first, *lines), tmp_path)
+    assert ours.accepted is accepted and theirs.accepted is accepted
+    if accepted:
+        assert "100644 blob" in sh("git", "ls-tree", ours.tree, "a.txt", cwd=upstream.path)
+
+
+def test_deleting_a_symlink_as_a_file_is_refused(upstream: Upstream, tmp_path: Path):
+    upstream.commit({"a.txt": A}, "base")
+    os.symlink("a.txt", upstream.path / "link")
+    base = upstream.commit({}, "with a link")
+    patch = section("diff --git a/link b/link", "deleted file mode 100644", "--- a/link", "+++ /dev/null",
+                    "@@ -1 +0,0 @@", "-a.txt", "\\ No newline at end of file")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "wrong type" in theirs.message and not ours.accepted
+
+
+# apply.c find_header: a 'diff --git' line right before 'GIT binary patch' has no header, so git
+# skips it and reads on; the sections before it still apply.
+def test_binary_marker_right_after_diff_git_is_skipped(upstream: Upstream, base: str, tmp_path: Path):
+    patch = GOOD_B + section("diff --git a/bin.dat b/bin.dat", "GIT binary patch", "index 1234567..89abcde 100644",
+                             "delta 5", "zcmV", "")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
