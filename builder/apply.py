@@ -428,7 +428,7 @@ class Engine:
             elif diff.rename and diff.new_path and self._state(diff.new_path, writes) is not None:
                 failed.append(FailedHunk(diff.new_path, 0, "", diff.line, "rename target already exists"))
                 continue
-            else:
+            elif old is not None:
                 # apply.c check_preimage: a mode the patch gives the old file must be of its type;
                 # check_patch: the new mode (the patch's, else the file's) of the old one's type.
                 old_path, old_mode = diff.old_path, diff.old_mode or old.mode

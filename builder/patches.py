@@ -355,10 +355,10 @@ def git_header_name(buf: bytes, pos: int, end: int, p: int) -> bytes | None:
         if c in (9, 32):
             if n + 1 >= len(name):
                 return None
-            second = _skip_tree_prefix(p, name[n + 1:])
-            if second is None:
+            rest = _skip_tree_prefix(p, name[n + 1:])
+            if rest is None:
                 return None
-            if second == name[:n]:
+            if rest == name[:n]:
                 return name[:n]
     return None
 
