@@ -476,15 +476,21 @@ def _b85_line(line: bytes) -> bytes | None:
 def _repeats_to_git(files: list[FileDiff]) -> list[FileDiff]:
     """Sections naming a path an earlier section of the same patch named go to git, which reads
     them its own way (apply.c check_patch asks only the index whether a created path exists,
-    and lets a path a later section deletes or renames away be written over). The one repeat
-    our applier takes is the one git writes, a type change: a deletion, then the creation of
+    and lets a path a later section deletes or renames away be written over; previous_patch
+    reads renames and copies from the index, whatever came before). Our applier takes the
+    repeats that read as a sequence: a change of the file an earlier section wrote, as in
+    mails of a series in one file, and git's own type change, a deletion, then the creation of
     the same path."""
     last: dict[str, int] = {}
     odd: set[int] = set()
     for k, f in enumerate(files):
         for p in {f.old_path, f.new_path} - {None}:
             j = last.get(p)  # type: ignore[arg-type]
-            if j is not None and not (j == k - 1 and files[j].new_path is None and f.old_path is None):
+            if j is None:
+                pass
+            elif j == k - 1 and files[j].new_path is None and f.old_path is None:
+                pass  # a type change
+            elif not (f.old_path == f.new_path and not (f.rename or f.copy) and files[j].new_path == p):
                 odd.update((j, k))
             last[p] = k  # type: ignore[index]
     return [replace(f, unusual=True) if k in odd else f for k, f in enumerate(files)] if odd else files

@@ -470,3 +470,19 @@ def test_binary_marker_right_after_diff_git_is_skipped(upstream: Upstream, base:
                              "delta 5", "zcmV", "")
     ours, theirs = both(upstream, base, patch, tmp_path)
     assert ours.accepted and theirs.accepted
+
+
+# Two sections for one path: a change of what an earlier section wrote reads as a sequence, as in
+# git's previous_patch; a rename after a change reads the index (previous_patch skips renames),
+# and a second creation passes git's check_patch: both are git's to decide.
+@pytest.mark.parametrize("second,ours_alone", [
+    (section("diff --git a/a.txt b/a.txt", "--- a/a.txt", "+++ b/a.txt", "@@ -1,2 +1,2 @@", "-LINE 1", "+Line 1",
+             " line 2"), True),
+    (section("diff --git a/a.txt b/m.txt", "similarity index 100%", "rename from a.txt", "rename to m.txt"), False),
+    (section("diff --git a/a.txt b/m.txt", "similarity index 90%", "rename from a.txt", "rename to m.txt",
+             "--- a/a.txt", "+++ b/m.txt", "@@ -1,2 +1,2 @@", "-line 1", "+Line 1", " line 2"), False),
+])
+def test_a_path_in_two_sections(upstream: Upstream, base: str, tmp_path: Path, second: bytes, ours_alone: bool):
+    patch = section(*HEAD_A, *HUNK_A) + second
+    assert (not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)) is ours_alone
+    both(upstream, base, patch, tmp_path)
