@@ -711,7 +711,14 @@ class _Parser:
 
     def git_diff(self) -> FileDiff | None:
         start = self.i + 1
-        def_name = self.git_header(self.i)
+        try:
+            def_name: bytes | None = self.git_header(self.i)
+        except PatchError:
+            # apply.c find_header keeps what a skipped 'diff --git' header read (its names, its
+            # rename or copy flag) for the next one: that section is git's to decide.
+            if not self.after_skipped:
+                raise
+            def_name = None
         names = _split_git_names(self.lines[self.i][len(b"diff --git "):].rstrip(b"\r\n"))
         info: dict[str, object] = {}
         # git_header_name: without two readable names the header lines must name the file,

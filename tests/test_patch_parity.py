@@ -486,3 +486,15 @@ def test_a_path_in_two_sections(upstream: Upstream, base: str, tmp_path: Path, s
     patch = section(*HEAD_A, *HUNK_A) + second
     assert (not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)) is ours_alone
     both(upstream, base, patch, tmp_path)
+
+
+# apply.c find_header skips a 'diff --git' line with no header after it but keeps the names its
+# parse_git_diff_header set: the next header may rely on them. git decides that section.
+@pytest.mark.parametrize("patch", [
+    section("diff --git a/a.txt b/a.txt", "diff --git a/a.txt b/a.txt ", "old mode 100644", "new mode 100755"),
+    section("diff --git a/a.txt b/a.txt", "diff --git a/a.txt b/a.txt", "index 1234567..89abcde 100644",
+            "+++ b/a.txt", *HUNK_A),
+])
+def test_names_a_skipped_header_leaves_behind(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
