@@ -498,3 +498,16 @@ def test_a_path_in_two_sections(upstream: Upstream, base: str, tmp_path: Path, s
 def test_names_a_skipped_header_leaves_behind(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
     ours, theirs = both(upstream, base, patch, tmp_path)
     assert ours.accepted and theirs.accepted
+
+
+# Stricter than git, deliberately (docs/patches.md): a 'diff --git' name git's verify_path refuses
+# is refused even where git takes the file's name from elsewhere.
+@pytest.mark.parametrize("patch", [
+    section("diff --git a/n.txt b/GIT~1/x", "new file mode 100644", "+++ b/n.txt", "@@ -0,0 +1 @@", "+x"),
+    section("diff --git a/a.txt b/a.txt", "diff --git a/dir/ b/a.txt", "old mode 100644", "new mode 100755"),
+])
+def test_invalid_header_name_git_does_not_use_is_refused(upstream: Upstream, base: str, tmp_path: Path,
+                                                         patch: bytes):
+    ours, theirs = our_verdict(upstream.path, base, patch), git_verdict(upstream.path, base, patch, tmp_path)
+    assert theirs.accepted
+    assert ours.outcome == MALFORMED and "invalid path" in ours.message
