@@ -53,6 +53,23 @@ class Allowance:
     matches: Callable[[bytes, str, str], bool]  # (patch, stackbuild's refusal, git's stderr) -> this case
 
 
+def _ignored_header_name(patch: bytes, ours: str) -> bool:
+    """Our refusal names an invalid path of a 'diff --git' line whose names git does not use:
+    the line names two different files, ---/+++ lines name the file, or a skipped 'diff --git'
+    line right before it left its names behind."""
+    m = re.match(r"[^:]*:(\d+): invalid path '([^']*)'", ours)
+    if not m:
+        return False
+    lines = patch.splitlines()
+    k = int(m.group(1)) - 1
+    line = lines[k] if k < len(lines) else b""
+    name = m.group(2).encode("utf-8", "surrogateescape")
+    if not line.startswith(b"diff --git ") or name not in line:
+        return False
+    return (line.count(name) == 1 or (b"\n--- " in patch and b"\n+++ " in patch)
+            or (k > 0 and lines[k - 1].startswith(b"diff --git ")))
+
+
 HFS_IGNORABLE = ("\u200c", "\u200d", "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",
                  "\u206a", "\u206b", "\u206c", "\u206d", "\u206e", "\u206f", "\ufeff")
 
@@ -67,12 +84,11 @@ ALLOWED: tuple[Allowance, ...] = (
               "refuses it only with core.protectHFS, which is off on Linux",
               lambda patch, ours, git: "invalid path" in ours
               and any(c in patch.decode("utf-8", "replace") for c in HFS_IGNORABLE)),
-    Allowance("unsafe-fallback-name",
-              "a 'diff --git' name that leaves the tree or names .git is refused even where git would take the "
-              "file's name from the ---/+++ lines instead: a name that unsafe is never a typo",
-              lambda patch, ours, git: bool(m := re.match(r"[^:]*:(\d+): invalid path", ours))
-              and (patch.splitlines()[int(m.group(1)) - 1:] or [b""])[0].startswith(b"diff --git ")
-              and b"\n--- " in patch and b"\n+++ " in patch),
+    Allowance("invalid-fallback-name",
+              "a 'diff --git' name git's verify_path refuses is refused even where git takes the file's name "
+              "from elsewhere (the ---/+++ lines, or the names a skipped 'diff --git' line left behind): the "
+              "header contradicts itself, and a name that invalid is never a typo",
+              lambda patch, ours, git: _ignored_header_name(patch, ours)),
     Allowance("corrupt-binary-exit-0",
               "git prints 'corrupt binary patch' for a damaged binary section yet exits 0 and drops that "
               "file's change; a patch that silently loses a file is malformed",

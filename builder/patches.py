@@ -13,9 +13,10 @@ import binascii
 import gzip
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.header import decode_header, make_header
 from email.utils import parseaddr, parsedate_to_datetime
+from itertools import accumulate
 from pathlib import Path
 
 from .errors import PatchError
@@ -254,9 +255,153 @@ def _split_git_names(rest: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+
+_QUOTE_STOP = re.compile(rb'["\\\0]')
+_C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("f"): 12, ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("v"): 11,
+              ord("\\"): 92, ord('"'): 34}
+GIT_SPACE = b" \t\n\r"  # git's sane_ctype isspace (ctype.c): no \v or \f
+
+
+def _unquote_c(buf: bytes, pos: int) -> tuple[bytes, int] | None:
+    """quote.c unquote_c_style on BUF from POS (a '"'): the name and where its closing quote
+    ends, or None where git fails. Like git it reads on past the end of the line: to git the
+    patch is one C string, ended by a NUL."""
+    out = bytearray()
+    i = pos + 1
+    while True:
+        m = _QUOTE_STOP.search(buf, i)
+        if m is None:
+            return None
+        j = m.start()
+        out += buf[i:j]
+        if buf[j] == 34:
+            return bytes(out), j + 1
+        if buf[j] == 0:
+            return None
+        ch = buf[j + 1] if j + 1 < len(buf) else 0
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+            i = j + 2
+        elif 48 <= ch <= 51 and all(48 <= c <= 55 for c in buf[j + 2:j + 4]) and len(buf) >= j + 4:
+            out.append(int(buf[j + 1:j + 4], 8))
+            i = j + 4
+        else:
+            return None
+
+
+def _skip_tree_prefix(p: int, name: bytes) -> bytes | None:
+    """apply.c skip_tree_prefix: NAME without its first P components; None for an absolute
+    name or one with fewer components."""
+    if not p:
+        return None if name[:1] == b"/" else name
+    count = p
+    for i, c in enumerate(name):
+        if c == 47:
+            count -= 1
+            if count <= 0:
+                return None if i == 0 else name[i + 1:]
+    return None
+
+
+def _strncmp_equal(a: bytes, b: bytes, n: int) -> bool:
+    a, b = a[:n].split(b"\0", 1)[0], b[:n].split(b"\0", 1)[0]
+    return a == b
+
+
+def git_header_name(buf: bytes, pos: int, end: int, p: int) -> bytes | None:
+    """apply.c git_header_name: the one name a 'diff --git' line (BUF[POS:END], its LF
+    included, after 'diff --git ') gives both sides, or None. git takes a name only when it
+    shows up twice in exactly the same form."""
+    line = buf[pos:end]
+    if line[:1] == b'"':
+        got = _unquote_c(buf, pos)
+        if got is None:
+            return None
+        first = _skip_tree_prefix(p, got[0])
+        if first is None:
+            return None
+        second = got[1]
+        while second < end and buf[second] in GIT_SPACE:
+            second += 1
+        if end <= second:
+            return None
+        if buf[second] == 34:
+            other = _unquote_c(buf, second)
+            if other is None:
+                return None
+            rest = _skip_tree_prefix(p, other[0])
+            return first if rest is not None and rest.split(b"\0", 1)[0] == first.split(b"\0", 1)[0] else None
+        rest = _skip_tree_prefix(p, buf[second:end])
+        return first if rest == first else None  # the LF counts: as in git, this never matches a plain name
+    name = _skip_tree_prefix(p, line)
+    if name is None:
+        return None
+    quote = name.find(b'"')
+    if quote >= 0:
+        other = _unquote_c(buf, end - len(name) + quote)
+        if other is None:
+            return None
+        np = _skip_tree_prefix(p, other[0])
+        if np is None:
+            return None
+        n = len(np)
+        if n < quote and _strncmp_equal(np, name, n) and name[n] in GIT_SPACE:
+            return np
+        return None
+    if b"\n" not in name:
+        return None
+    name = name[:name.index(b"\n")]
+    for n, c in enumerate(name):
+        if c in (9, 32):
+            if n + 1 >= len(name):
+                return None
+            rest = _skip_tree_prefix(p, name[n + 1:])
+            if rest is None:
+                return None
+            if rest == name[:n]:
+                return name[:n]
+    return None
+
+
+def _squash(name: bytes) -> bytes:
+    """apply.c squash_slash: runs of slashes become one."""
+    return SLASHES.sub(b"/", name) if b"//" in name else name
+
+
+def _find_name(buf: bytes, pos: int, end: int, p: int, term_tab: bool) -> bytes | None:
+    """apply.c find_name without a default: a quoted name (find_name_gnu), else the text up to
+    a LF, a CR or (TERM_TAB) a tab, without its first P components, slashes squashed."""
+    if buf[pos:pos + 1] == b'"':
+        got = _unquote_c(buf, pos)
+        if got is not None:
+            parts = got[0].split(b"/", p)  # find_name_gnu: past the first P slashes, wherever they are
+            if len(parts) > p:
+                return _squash(parts[p])
+    line = buf[pos:end]
+    stop = (NAME_END_TAB if term_tab else NAME_END).search(line)
+    text = line[:stop.start()] if stop else line
+    if p:
+        parts = text.split(b"/", p)
+        if len(parts) <= p:
+            return None
+        text = parts[p]
+    return _squash(text) or None
+
+
+SLASHES = re.compile(rb"/+")
+NAME_END_TAB = re.compile(rb"[\n\r\t]")
+NAME_END = re.compile(rb"[\n\r]")
+
 # Code points HFS+ ignores in names, so ".g\u200cit" is ".git" there (git's is_hfs_dotgit in utf8.c).
 HFS_IGNORABLE = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
 # Every line apply.c's parse_git_diff_header reads as part of a git header.
+# parse_git_diff_header's table, in its order: the first prefix a line starts with decides.
+GIT_HEADER_OP = re.compile(rb"@@ -|--- |\+\+\+ |old mode |new mode |deleted file mode |new file mode |copy from |"
+                           rb"copy to |rename old |rename new |rename from |rename to |similarity index |"
+                           rb"dissimilarity index |index ")
+GIT_EXTENSION_OPS = {b"deleted file mode ": b"deleted", b"new file mode ": b"new", b"copy from ": b"copy",
+                     b"copy to ": b"copy", b"rename old ": b"rename", b"rename new ": b"rename",
+                     b"rename from ": b"rename", b"rename to ": b"rename"}
 GIT_HEADERS = (b"old mode ", b"new mode ", b"deleted file mode ", b"new file mode ", b"copy from ", b"copy to ",
                b"rename old ", b"rename new ", b"rename from ", b"rename to ", b"similarity index ",
                b"dissimilarity index ", b"index ")
@@ -303,6 +448,15 @@ def canonical_mode(raw: bytes) -> str | None:
     return None
 
 
+def _strtoul(raw: bytes) -> int:
+    """C's strtoul(raw, NULL, 10): leading white space, a sign, the digits that follow; 0 when
+    there are none, a negative number wrapped as an unsigned long."""
+    m = re.match(rb"[ \t\n\v\f\r]*([+-]?)(\d*)", raw)
+    assert m is not None  # every part of the pattern may be empty
+    value = min(int(m.group(2) or b"0"), 2**64 - 1)
+    return (2**64 - value) % 2**64 if m.group(1) == b"-" else value
+
+
 def _b85_line(line: bytes) -> bytes | None:
     """One line of a binary literal (apply.c parse_binary_hunk): a length letter, base85 data."""
     n = len(line)
@@ -319,9 +473,34 @@ def _b85_line(line: bytes) -> bytes | None:
         return None
 
 
+def _repeats_to_git(files: list[FileDiff]) -> list[FileDiff]:
+    """Sections naming a path an earlier section of the same patch named go to git, which reads
+    them its own way (apply.c check_patch asks only the index whether a created path exists,
+    and lets a path a later section deletes or renames away be written over; previous_patch
+    reads renames and copies from the index, whatever came before). Our applier takes the
+    repeats that read as a sequence: a change of the file an earlier section wrote, as in
+    mails of a series in one file, and git's own type change, a deletion, then the creation of
+    the same path."""
+    last: dict[str, int] = {}
+    odd: set[int] = set()
+    for k, f in enumerate(files):
+        for p in {f.old_path, f.new_path} - {None}:
+            j = last.get(p)  # type: ignore[arg-type]
+            if j is None:
+                pass
+            elif j == k - 1 and files[j].new_path is None and f.old_path is None:
+                pass  # a type change
+            elif not (f.old_path == f.new_path and not (f.rename or f.copy) and files[j].new_path == p):
+                odd.update((j, k))
+            last[p] = k  # type: ignore[index]
+    return [replace(f, unusual=True) if k in odd else f for k, f in enumerate(files)] if odd else files
+
+
 class _Parser:
     def __init__(self, data: bytes, where: str, strip: int, directory: str):
+        self.data = data
         self.lines = split_lf(data)
+        self._offsets: list[int] | None = None
         self.where = where
         self.strip = strip
         self.directory = directory
@@ -336,6 +515,8 @@ class _Parser:
         """TAB_ENDS: a tab ends the name (find_name's TERM_TAB), as on ---/+++ lines but not on
         rename/copy lines, whose names run to the end of the line."""
         strip = self.strip if strip is None else strip
+        if tab_ends and raw.startswith(b"/dev/null") and raw[9:10] in (b"", b" ", b"\t", b"\r", b"\n"):
+            return None  # apply.c is_dev_null: '/dev/null' and any whitespace after it
         raw = _unquote((raw.split(b"\t", 1)[0] if tab_ends else raw).rstrip(b"\r\n"))
         try:
             text = raw.decode("utf-8")
@@ -353,6 +534,95 @@ class _Parser:
         if verify:
             self.verify(full, line)
         return full
+
+    def at(self, k: int, skip: int) -> tuple[bytes, int, int]:
+        """Line K from column SKIP as git sees it: (buffer, start, end of the line). Only a quoted
+        name needs the whole patch (git's unquoting reads on past the line), so only then is
+        where each line starts worked out, once."""
+        line = self.lines[k]
+        if b'"' not in line:
+            return line, skip, len(line)
+        if self._offsets is None:
+            self._offsets = list(accumulate(map(len, self.lines), initial=0))
+        start = self._offsets[k]
+        return self.data, start + skip, start + len(line)
+
+    def find_name(self, k: int, skip: int, p: int, term_tab: bool = True) -> bytes | None:
+        return _find_name(*self.at(k, skip), p, term_tab)
+
+    def git_header(self, k: int) -> bytes | None:
+        """apply.c parse_git_diff_header's bookkeeping of names and extended header lines, for the
+        'diff --git' line K and the header after it: where git refuses the header, refuse with
+        its words; else the name git_header_name gives both sides (None: the lines must name it)."""
+        p = self.strip
+        def_name = git_header_name(*self.at(k, len(b"diff --git ")), p)
+        old: bytes | None = None
+        new: bytes | None = None
+        kinds: set[bytes] = set()  # of creation, deletion, rename and copy, which lines said
+        first_ext = 0
+        j = k + 1
+        n = len(self.lines)
+        while j < n:
+            raw = self.lines[j]
+            m = GIT_HEADER_OP.match(raw)
+            if m is None or not raw.endswith(b"\n"):
+                break  # gitdiff_unrecognized ends the header, as does an unterminated line
+            op = m.group()
+            if op in (b"--- ", b"+++ "):
+                # gitdiff_verify_name: the first name sets the side, any later one must agree.
+                side = "old" if op == b"--- " else "new"
+                known, isnull = (old, b"new" in kinds) if side == "old" else (new, b"deleted" in kinds)
+                if known is None and not isnull:
+                    known = self.find_name(j, 4, p)
+                elif known is not None:
+                    if isnull:
+                        raise self.error(f"git apply: bad git-diff - expected /dev/null, got "
+                                         f"{known.decode('utf-8', 'replace')} on line {j + 1}", j + 1)
+                    if self.find_name(j, 4, p) != known:
+                        raise self.error(f"git apply: bad git-diff - inconsistent {side} filename on line {j + 1}",
+                                         j + 1, hint="the ---/+++ names disagree with the rest of the header")
+                elif not (raw[4:13] == b"/dev/null" and raw[13:14] in GIT_SPACE):
+                    raise self.error(f"git apply: bad git-diff - expected /dev/null on line {j + 1}", j + 1)
+                if side == "old":
+                    old = known
+                else:
+                    new = known
+            elif op == b"@@ -":
+                break
+            elif op in GIT_EXTENSION_OPS:
+                kind = GIT_EXTENSION_OPS[op]
+                if op == b"deleted file mode ":
+                    old = def_name
+                elif op == b"new file mode ":
+                    new = def_name
+                elif op.endswith((b"from ", b"old ")):
+                    old = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
+                else:
+                    new = self.find_name(j, len(op), max(0, p - 1), term_tab=False)
+                kinds.add(kind)
+                # check_header_line: a section is at most one of creation, deletion, rename, copy.
+                if len(kinds) > 1:
+                    raise self.error(f"inconsistent header lines {first_ext} and {j + 1}", j + 1,
+                                     hint="a file section may create, delete, rename or copy a file, only one of them")
+                first_ext = first_ext or j + 1
+            j += 1
+        if old is None and new is None:
+            if def_name is None:
+                raise self.error(f"git diff header lacks filename information when removing {p} leading pathname "
+                                 f"component{'' if p == 1 else 's'} (line {j + 1})", k + 1,
+                                 hint="the 'diff --git' line names two different files and nothing after it says which")
+            old = new = def_name
+        if (new is None and b"deleted" not in kinds) or (old is None and b"new" not in kinds):
+            raise self.error(f"git diff header lacks filename information (line {j + 1})", k + 1,
+                             hint="the header names the file on one side only")
+        return def_name
+
+    def side_name(self, raw: bytes, line: int) -> str | None:
+        """A traditional ---/+++ name: None for /dev/null, '' where it names nothing."""
+        try:
+            return self.path(raw[4:], line, verify=False)
+        except PatchError:
+            return ""
 
     def verify(self, full: str, line: int) -> None:
         name = full[len(self.directory) + 1:] if self.directory else full
@@ -393,11 +663,13 @@ class _Parser:
             elif (raw.startswith(b"--- ") and self.i + 2 < n and self.lines[self.i + 1].startswith(b"+++ ")
                   and self.lines[self.i + 2].startswith(b"@@ -")):
                 files.append(self.traditional())  # apply.c find_header: a ---/+++ pair counts before a hunk only
-            elif raw.startswith(b"@@ -"):
+            elif raw.startswith(b"@@ -") and raw.endswith(b"\n") and HUNK_RE.match(raw.rstrip(b"\n")):
+                # apply.c find_header: only a fragment header that parses is an error here; git
+                # reads past any other line.
                 raise self.error("hunk without a file header ('--- a/…' and '+++ b/…')", self.i + 1)
             else:
                 self.i += 1
-        return files
+        return _repeats_to_git(files)
 
     def traditional(self) -> FileDiff:
         """apply.c parse_traditional_patch: one name for both sides; a /dev/null side (or git's
@@ -406,24 +678,19 @@ class _Parser:
         first, second = self.lines[self.i], self.lines[self.i + 1]
         self.header_crlf(start, first)
         unusual = bool(EPOCH_RE.search(first) or EPOCH_RE.search(second))
-        # find_name_common: a side without enough components for -pN names nothing, and the
-        # other side decides alone; with neither, the patch names no file.
-        try:
-            old = self.path(first[4:], start, verify=False)
-        except PatchError:
-            old = ""
-        try:
-            new = self.path(second[4:], start + 1, verify=False)
-        except PatchError:
-            if old == "":
-                raise
-            new = old
-        if old == "":
-            old = new
-        if old is not None and new is not None and not (len(new) > len(old) and new.startswith(old)):
-            old = new  # find_name_traditional: the second name, unless it only extends the first
-        elif old is not None and new is not None:
-            new = old
+        # find_name_common: a side without enough components for -pN, or with nothing after
+        # them ('+++ b/'), names nothing, and the other side decides alone; with neither, the
+        # patch names no file.
+        old, new = self.side_name(first, start), self.side_name(second, start + 1)
+        if old is None or new is None:
+            name = old if new is None else new  # the side that is not /dev/null
+        else:
+            # find_name_traditional: the second name, unless it only extends the first
+            name = old if new == "" or (old and len(new) > len(old) and new.startswith(old)) else new
+            old = new = name
+        if name == "":
+            raise self.error(f"unable to find filename in patch at line {start}", start,
+                             hint="set the series' strip level (strip = N or '-pN' in the series file)")
         for name, line in ((old, start), (new, start + 1)):
             if name is not None:
                 self.verify(name, line)
@@ -433,6 +700,10 @@ class _Parser:
         hunks = self.hunks()
         if not hunks:
             raise self.garbage()
+        if old is not None and new is not None and len(hunks) == 1 and hunks[0].old_count == 0:
+            # parse_single_patch leaves such a patch's is_new open, and check_preimage makes it a
+            # creation when the path is not in the index: git decides.
+            unusual = True
         unusual |= self.after_skipped
         self.after_skipped = False
         return FileDiff(old, new, tuple(hunks), new_mode="100644" if old is None else None, line=start,
@@ -440,6 +711,14 @@ class _Parser:
 
     def git_diff(self) -> FileDiff | None:
         start = self.i + 1
+        try:
+            def_name: bytes | None = self.git_header(self.i)
+        except PatchError:
+            # apply.c find_header keeps what a skipped 'diff --git' header read (its names, its
+            # rename or copy flag) for the next one: that section is git's to decide.
+            if not self.after_skipped:
+                raise
+            def_name = None
         names = _split_git_names(self.lines[self.i][len(b"diff --git "):].rstrip(b"\r\n"))
         info: dict[str, object] = {}
         # git_header_name: without two readable names the header lines must name the file,
@@ -488,9 +767,12 @@ class _Parser:
             elif m := INDEX_RE.match(raw):
                 info["old_blob"], info["new_blob"] = m.group(1).decode(), m.group(2).decode()
                 if m.group(3):
+                    # gitdiff_index: the mode is the old side's only; the new one stays the file's own
+                    info.pop("old_mode", None), info.pop("old_mode_raw", None)
                     unusual |= self.mode(m.group(3), line_no, info, "old_mode")
-                    unusual |= self.mode(m.group(3), line_no, info, "new_mode")
             elif raw.startswith(b"GIT binary patch") or (raw.startswith(b"Binary files ") and raw.endswith(b" differ")):
+                if self.i == start:
+                    break  # parse_git_diff_header reads no header before it: find_header skips the section
                 info["binary"] = True
                 if raw.startswith(b"Binary files "):
                     raise self.error(
@@ -512,14 +794,11 @@ class _Parser:
             self.i += 1
         old, new = header_old, header_new
         if self.i == start and not (self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ "))):
-            if names is not None and header_old == header_new:
-                # apply.c find_header skips a 'diff --git' line with no header after it, but what
-                # it read stays in its state: git decides the next section.
-                self.after_skipped = True
-                return None
-            raise self.error(f"git diff header lacks filename information when removing {self.strip} leading "
-                             f"pathname component(s) (line {start})", start,
-                             hint="the 'diff --git' line names two different files and nothing after it says which")
+            # apply.c find_header skips a 'diff --git' line with no header after it (git_header
+            # made sure it names one file), but what it read stays in its state: git decides the
+            # next section.
+            self.after_skipped = True
+            return None
         unusual |= bool((info.get("rename") or info.get("copy")) and (info.get("created") or info.get("deleted")))
         if info.get("rename") or info.get("copy"):
             # apply.c takes the names of rename/copy lines; anything but both lines, agreeing
@@ -527,7 +806,9 @@ class _Parser:
             unusual |= set(renamed) != {"from", "to"} or (renamed.get("from"), renamed.get("to")) != (header_old, header_new)
             old, new = renamed.get("from", header_old), renamed.get("to", header_new)
         else:
-            unusual |= header_old != header_new  # git_header_name finds no name: ---/+++ decide
+            # git_header_name finds no name (the two differ, or are not in exactly the same
+            # form): ---/+++ decide.
+            unusual |= header_old != header_new or def_name is None
         hunks: list[Hunk] = []
         if self.i < n and self.lines[self.i].startswith((b"--- ", b"+++ ")):
             self.header_crlf(self.i + 1, self.lines[self.i])
@@ -591,13 +872,13 @@ class _Parser:
         n = len(self.lines)
         for block in range(2):
             head = self.lines[self.i] if self.i < n else b""
-            m = re.match(rb"^(literal|delta) (\d+)\n$", head)
-            if not m:
+            method = next((w for w in (b"literal ", b"delta ") if head.startswith(w)), None)
+            if method is None:
                 if block == 0:
                     raise self.error(f"unrecognized binary patch at line {self.i}", self.i,
                                      hint="the binary part is damaged; re-create the patch with 'git diff --binary'")
                 return
-            size = int(m.group(2))
+            size = _strtoul(head[len(method):])  # parse_binary_hunk reads the size with strtoul
             self.i += 1
             chunks = []
             while True:

@@ -82,6 +82,10 @@ class _PendingCommit:
     changes: dict[str, _Entry | None]
 
 
+def _is_link(mode: str) -> bool:
+    return mode == "120000"
+
+
 def _fi_path(path: str) -> bytes:
     raw = path.encode("utf-8", "surrogateescape")
     if any(c < 0x20 for c in raw) or raw.startswith(b'"') or b"\\" in raw:
@@ -236,6 +240,18 @@ class Replayer:
             elif diff.rename and diff.new_path and self._state(diff.new_path, writes) is not None:
                 failed.append(FailedHunk(diff.new_path, 0, "", diff.line, "rename target already exists"))
                 continue
+            elif old is not None:
+                # apply.c check_preimage: a mode the patch gives the old file must be of its type;
+                # check_patch: the new mode (the patch's, else the file's) of the old one's type.
+                old_path, old_mode = diff.old_path, diff.old_mode or old.mode
+                if _is_link(old_mode) != _is_link(old.mode):
+                    failed.append(FailedHunk(old_path, 0, "", diff.line, f"wrong type: the patch says {old_mode}, "
+                                                                           f"the file is {old.mode}"))
+                    continue
+                if diff.new_path and _is_link(diff.new_mode or old.mode) != _is_link(old_mode):
+                    failed.append(FailedHunk(diff.path, 0, "", diff.line, f"new mode {diff.new_mode} does not "
+                                                                           f"match old mode {old_mode}"))
+                    continue
             assert old is not None
             new, offset, fz, bad = apply_hunks(old, diff.hunks, fuzz, patch.label, diff.path,
                                                self.overlaps if track else None)

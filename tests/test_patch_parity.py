@@ -310,3 +310,204 @@ def test_header_name_lines_in_any_order_go_to_git(upstream: Upstream, base: str,
     head = ("diff --git a/n.txt b/n.txt", "new file mode 100644") if new else ("diff --git a/a.txt b/a.txt",)
     hunk = ("@@ -0,0 +1 @@", "+x") if new else HUNK_A
     both(upstream, base, section(*head, *names, *hunk), tmp_path)
+
+
+# Classes the 50,000-case fuzzer run found.
+# apply.c git_header_name: a 'diff --git' line gives both sides one name only when it shows up
+# twice in exactly the same form; an unterminated quote, or a quoted name beside a plain one,
+# gives none, and parse_git_diff_header refuses a header that names the file nowhere else.
+@pytest.mark.parametrize("first", ['diff --git a/a.txt "/a.txt', 'diff --git a/a.txt "b/a.txt',
+                                   'diff --git "a/a.txt b/a.txt', 'diff --git "a/a.txt" b/a.txt'])
+def test_header_without_a_name_git_can_read_is_malformed(upstream: Upstream, base: str, tmp_path: Path, first: str):
+    ours, theirs = both(upstream, base, section(first, "old mode 100644", "new mode 100755"), tmp_path)
+    words = "git diff header lacks filename information when removing 1 leading pathname component (line 4)"
+    assert words in theirs.message
+    assert ours.outcome == MALFORMED and words in ours.message
+
+
+@pytest.mark.parametrize("first", ['diff --git "a/a.txt" "b/a.txt"', "diff --git a/a.txt\tb/a.txt"])
+def test_header_names_git_can_read(upstream: Upstream, base: str, tmp_path: Path, first: str):
+    ours, theirs = both(upstream, base, section(first, "old mode 100644", "new mode 100755"), tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c check_header_line: a section is at most one of creation, deletion, rename and copy.
+@pytest.mark.parametrize("lines,numbers", [
+    (("new file mode 100644", "deleted file mode 100644", "old mode 100644", "new mode 100755"), "2 and 3"),
+    (("old mode 100644", "new file mode 100644", "new mode 100755", "rename from a.txt"), "3 and 5"),
+    (("copy from a.txt", "rename to m.txt"), "2 and 3"),
+])
+def test_inconsistent_header_lines_are_malformed(upstream: Upstream, base: str, tmp_path: Path,
+                                                 lines: tuple[str, ...], numbers: str):
+    ours, theirs = both(upstream, base, section("diff --git a/a.txt b/a.txt", *lines), tmp_path)
+    assert f"inconsistent header lines {numbers}" in theirs.message
+    assert ours.outcome == MALFORMED and f"inconsistent header lines {numbers}" in ours.message
+
+
+# apply.c find_name_common: a name with nothing after its -p prefix ('+++ b/') names nothing. A
+# traditional diff takes the other side's name (find_name_traditional's default); a git header
+# is left with one side unnamed, which parse_git_diff_header refuses.
+@pytest.mark.parametrize("names,accepted", [
+    (("--- a/a.txt", "+++ b/"), True),
+    (("--- a/", "+++ b/a.txt"), True),
+    (("--- /dev/null", "+++ b/"), False),
+    (("diff --git a/a.txt b/a.txt", "--- a/a.txt", "+++ b/"), False),
+])
+def test_empty_names_are_read_as_git_reads_them(upstream: Upstream, base: str, tmp_path: Path,
+                                                names: tuple[str, ...], accepted: bool):
+    hunk = HUNK_A if names[0] != "--- /dev/null" else ("@@ -0,0 +1 @@", "+x")
+    ours, theirs = both(upstream, base, section(*names, *hunk), tmp_path)
+    assert theirs.accepted is accepted and ours.accepted is accepted
+    if not accepted:
+        assert ours.outcome == MALFORMED and theirs.message.strip().removeprefix("error: ") in ours.message
+
+
+# A blank or CR-only line ends a git header (parse_git_diff_header: gitdiff_unrecognized), and
+# the ---/+++ pair after it starts a second, traditional section for the same path: git's
+# check_patch asks only the index whether a created path exists, so both creations pass and the
+# later one wins. Repeated paths are git's to decide.
+@pytest.mark.parametrize("blank", ["", " ", "\r"])
+def test_a_path_created_twice_in_one_patch(upstream: Upstream, base: str, tmp_path: Path, blank: str):
+    patch = section("diff --git a/n.txt b/n.txt", "new file mode 120000", blank, "--- /dev/null", "+++ b/n.txt",
+                    "@@ -0,0 +1,2 @@", "+x", "+y")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+def test_a_type_change_stays_ours(upstream: Upstream, base: str, tmp_path: Path):
+    patch = section("diff --git a/b.txt b/b.txt", "deleted file mode 100644", "--- a/b.txt", "+++ /dev/null",
+                    "@@ -1,3 +0,0 @@", "-alpha", "-beta", "-gamma",
+                    "diff --git a/b.txt b/b.txt", "new file mode 120000", "--- /dev/null", "+++ b/b.txt",
+                    "@@ -0,0 +1 @@", "+a.txt", "\\ No newline at end of file")
+    assert not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c gitdiff_verify_name: the first name a header gives a side stays; every later one, and
+# /dev/null for a created or deleted side, must agree with it.
+@pytest.mark.parametrize("lines,words", [
+    (("new file mode 100644", "--- a/a.txt", "+++ b/a.txt"), "expected /dev/null on line"),
+    (("deleted file mode 100644", "--- a/a.txt", "+++ b/a.txt"), "expected /dev/null on line"),
+    (("new file mode 100644", "--- /dev/null", "+++ b/b.txt"), "inconsistent new filename on line"),
+    (("deleted file mode 100644", "--- /dev/null", "+++ /dev/null"), "inconsistent old filename on line"),
+    (("--- a/a.txt", "+++ b/a.txt", "deleted file mode 100644", "+++ /dev/null"), "expected /dev/null, got a.txt"),
+])
+def test_header_names_that_disagree_are_malformed(upstream: Upstream, base: str, tmp_path: Path,
+                                                  lines: tuple[str, ...], words: str):
+    ours, theirs = both(upstream, base, section("diff --git a/a.txt b/a.txt", *lines, *HUNK_A), tmp_path)
+    assert f"git apply: bad git-diff - {words}" in theirs.message
+    assert ours.outcome == MALFORMED and f"git apply: bad git-diff - {words}" in ours.message
+
+
+# apply.c parse_binary_hunk reads 'literal N'/'delta N' with strtoul: what follows the number
+# (a tab, a space) does not make the block unreadable.
+@pytest.mark.parametrize("after", ["\t", " ", "  \t", "x"])
+def test_binary_size_line_is_read_as_strtoul_reads_it(upstream: Upstream, base: str, tmp_path: Path, after: str):
+    good = upstream.diff({"bin.dat": bytes(range(256)) * 4}, "--binary")
+    head, rest = good.split(b"literal ", 1)
+    size, tail = rest.split(b"\n", 1)
+    ours, theirs = both(upstream, base, head + b"literal " + size + after.encode() + b"\n" + tail, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c is_dev_null: '/dev/null' followed by any white space, as a diff tool may leave it.
+def test_dev_null_with_trailing_space_creates(upstream: Upstream, base: str, tmp_path: Path):
+    ours, theirs = both(upstream, base, section("--- /dev/null ", "+++ b/n.txt", "@@ -0,0 +1 @@", "+x"), tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c parse_single_patch/check_preimage: a traditional diff whose one hunk has no old lines
+# creates the file when the index does not have it.
+def test_traditional_hunk_without_old_lines_creates_a_missing_file(upstream: Upstream, base: str, tmp_path: Path):
+    ours, theirs = both(upstream, base, section("--- a/dir/", "+++ b/n.txt", "@@ -0,0 +1,2 @@", "+x", "+y"),
+                        tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c find_header: a line starting '@@ -' outside a section is an error only when it parses
+# as a fragment header; git reads past any other.
+def test_unparsable_hunk_header_after_a_mode_change_is_skipped(upstream: Upstream, base: str, tmp_path: Path):
+    patch = section("diff --git a/a.txt b/a.txt", "old mode 100644", "new mode 100755", "--- a/a.txt",
+                    "+++ b/a.txt", "\tline 1", "@@ -1,3 +1", "-line 2", "-line 3")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# apply.c check_preimage: the old mode a patch states ('old mode', 'deleted file mode', the
+# index line's) must be of the file's type; the index line's mode is the old side's only, the
+# result keeps the file's own mode. check_patch: a new mode must be of the old one's type.
+@pytest.mark.parametrize("lines,accepted", [
+    (("index 1234567..89abcde 100755", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), True),
+    (("index 1234567..89abcde 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("old mode 120000", "new mode 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("new mode 120000", "--- a/a.txt", "+++ b/a.txt", *HUNK_A), False),
+    (("old mode 120000", "similarity index 100%", "rename from a.txt", "rename to z/a.txt"), False),
+])
+def test_stated_modes_must_fit_the_file(upstream: Upstream, base: str, tmp_path: Path, lines: tuple[str, ...],
+                                        accepted: bool):
+    first = "diff --git a/a.txt b/z/a.txt" if "rename to z/a.txt" in lines else "diff --git a/a.txt b/a.txt"
+    ours, theirs = both(upstream, base, section(first, *lines), tmp_path)
+    assert ours.accepted is accepted and theirs.accepted is accepted
+    if accepted:
+        assert "100644 blob" in sh("git", "ls-tree", ours.tree, "a.txt", cwd=upstream.path)
+
+
+def test_deleting_a_symlink_as_a_file_is_refused(upstream: Upstream, tmp_path: Path):
+    upstream.commit({"a.txt": A}, "base")
+    os.symlink("a.txt", upstream.path / "link")
+    base = upstream.commit({}, "with a link")
+    patch = section("diff --git a/link b/link", "deleted file mode 100644", "--- a/link", "+++ /dev/null",
+                    "@@ -1 +0,0 @@", "-a.txt", "\\ No newline at end of file")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert "wrong type" in theirs.message and not ours.accepted
+
+
+# apply.c find_header: a 'diff --git' line right before 'GIT binary patch' has no header, so git
+# skips it and reads on; the sections before it still apply.
+def test_binary_marker_right_after_diff_git_is_skipped(upstream: Upstream, base: str, tmp_path: Path):
+    patch = GOOD_B + section("diff --git a/bin.dat b/bin.dat", "GIT binary patch", "index 1234567..89abcde 100644",
+                             "delta 5", "zcmV", "")
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# Two sections for one path: a change of what an earlier section wrote reads as a sequence, as in
+# git's previous_patch; a rename after a change reads the index (previous_patch skips renames),
+# and a second creation passes git's check_patch: both are git's to decide.
+@pytest.mark.parametrize("second,ours_alone", [
+    (section("diff --git a/a.txt b/a.txt", "--- a/a.txt", "+++ b/a.txt", "@@ -1,2 +1,2 @@", "-LINE 1", "+Line 1",
+             " line 2"), True),
+    (section("diff --git a/a.txt b/m.txt", "similarity index 100%", "rename from a.txt", "rename to m.txt"), False),
+    (section("diff --git a/a.txt b/m.txt", "similarity index 90%", "rename from a.txt", "rename to m.txt",
+             "--- a/a.txt", "+++ b/m.txt", "@@ -1,2 +1,2 @@", "-line 1", "+Line 1", " line 2"), False),
+])
+def test_a_path_in_two_sections(upstream: Upstream, base: str, tmp_path: Path, second: bytes, ours_alone: bool):
+    patch = section(*HEAD_A, *HUNK_A) + second
+    assert (not any(f.needs_git for f in parse_patch(patch, series="s", name="p", where="p").files)) is ours_alone
+    both(upstream, base, patch, tmp_path)
+
+
+# apply.c find_header skips a 'diff --git' line with no header after it but keeps the names its
+# parse_git_diff_header set: the next header may rely on them. git decides that section.
+@pytest.mark.parametrize("patch", [
+    section("diff --git a/a.txt b/a.txt", "diff --git a/a.txt b/a.txt ", "old mode 100644", "new mode 100755"),
+    section("diff --git a/a.txt b/a.txt", "diff --git a/a.txt b/a.txt", "index 1234567..89abcde 100644",
+            "+++ b/a.txt", *HUNK_A),
+])
+def test_names_a_skipped_header_leaves_behind(upstream: Upstream, base: str, tmp_path: Path, patch: bytes):
+    ours, theirs = both(upstream, base, patch, tmp_path)
+    assert ours.accepted and theirs.accepted
+
+
+# Stricter than git, deliberately (docs/patches.md): a 'diff --git' name git's verify_path refuses
+# is refused even where git takes the file's name from elsewhere.
+@pytest.mark.parametrize("patch", [
+    section("diff --git a/n.txt b/GIT~1/x", "new file mode 100644", "+++ b/n.txt", "@@ -0,0 +1 @@", "+x"),
+    section("diff --git a/a.txt b/a.txt", "diff --git a/dir/ b/a.txt", "old mode 100644", "new mode 100755"),
+])
+def test_invalid_header_name_git_does_not_use_is_refused(upstream: Upstream, base: str, tmp_path: Path,
+                                                         patch: bytes):
+    ours, theirs = our_verdict(upstream.path, base, patch), git_verdict(upstream.path, base, patch, tmp_path)
+    assert theirs.accepted
+    assert ours.outcome == MALFORMED and "invalid path" in ours.message
