@@ -492,6 +492,7 @@ def build_inputs(
     log: Log = lambda _line: None,
     dist_dir: Path | None = None,
     resolve: Callable[[BuildInput], str] = _given_commit,
+    variant: Mapping[str, Any] | None = None,
 ) -> dict:
     """Builds (or takes from the cache) every source's wheel, then writes dist/<stack>/ with the
     wheels and manifest.json. Any failure raises before dist/ is touched."""
@@ -575,7 +576,8 @@ def build_inputs(
             raise first
         raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
     done = [results[n] for n in order]
-    return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started)
+    return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started,
+                      variant=variant)
 
 
 def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, eng: engines.Engine,
@@ -612,7 +614,8 @@ def stack_digest(keys: Sequence[str]) -> str:
 
 
 def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], recipe: Recipe,
-               jobs: Mapping[str, _Job], done: Sequence[SourceResult], *, dist_dir: Path | None, seconds: float) -> dict:
+               jobs: Mapping[str, _Job], done: Sequence[SourceResult], *, dist_dir: Path | None, seconds: float,
+               variant: Mapping[str, Any] | None = None) -> dict:
     """dist/<stack>/ is assembled beside the old one and swapped in last. When the digest is the
     one already there, nothing is rewritten."""
     target = (dist_dir or settings.dist_dir) / stack
@@ -636,6 +639,8 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
         "sources": [],
         "wheels": [],
     }
+    if variant is not None:
+        manifest["variant"] = dict(variant)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stack}.tmp-", dir=target.parent))
     try:
@@ -723,7 +728,8 @@ def verify(folder: Path) -> dict:
     keys = [s["key"] for s in manifest.get("sources", [])]
     if stack_digest(keys) != manifest.get("digest"):
         raise VerifyError("digest does not match the sources' keys", where=str(path))
-    return {"folder": str(folder), "stack": manifest.get("stack"), "digest": manifest.get("digest"), "wheels": checked}
+    return {"folder": str(folder), "stack": manifest.get("stack"), "digest": manifest.get("digest"), "wheels": checked,
+            "variant": manifest.get("variant")}
 
 
 # ---------------------------------------------------------------- stack entry points
@@ -740,7 +746,7 @@ def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls
     specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
     items, resolve = stack_inputs(settings, cfg, stack_name)
     return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force,
-                        log=log, resolve=resolve)
+                        log=log, resolve=resolve, variant=resolved.variant.record() if resolved.variant else None)
 
 
 def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = ()) -> dict:
@@ -771,6 +777,7 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
             "image": image_tag(recipe, base_id), "env": redact(source_env(recipe, job.spec)),
             "script": build_script(recipe, job.spec, bool(job.spec.needs)),
         })
-    return redact_tree({"stack": stack_name, "recipe": recipe.name, "dockerfile": str(recipe.dockerfile),
+    return redact_tree({"stack": stack_name, "variant": resolved.variant.record() if resolved.variant else None,
+                        "recipe": recipe.name, "dockerfile": str(recipe.dockerfile),
                         "base": recipe.base, "base_id": base_id, "build_args": {"BASE": recipe.base, **recipe.args},
                         "steps": steps})

@@ -490,6 +490,7 @@ class BuildOutput:
     manifest: Path
     digest: str
     wheels: tuple[Wheel, ...]
+    variant: Mapping[str, Any] | None = None   # the target variant the dist was built for (builder/variants.py)
 
 
 def read_build(settings: Settings, stack: str) -> BuildOutput:
@@ -505,6 +506,7 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
             path = manifest.parent / entry["file"]
             wheels.append(Wheel(entry["name"], entry["version"], path, entry["sha256"]))
         digest = str(data["digest"])
+        variant = data.get("variant")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VerifyError(f"unreadable build manifest: {exc!r}", where=str(manifest),
                           hint=f"rebuild with `stackbuild build {stack}`") from None
@@ -516,7 +518,7 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
         if actual != wheel.sha256:
             raise VerifyError(f"wheel {wheel.file.name} has sha256 {actual[:12]}…, the manifest says {wheel.sha256[:12]}…",
                               where=str(manifest), hint=f"rebuild with `stackbuild build {stack}`")
-    return BuildOutput(manifest, digest, tuple(wheels))
+    return BuildOutput(manifest, digest, tuple(wheels), variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1700,6 +1702,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
             "started": stamp,
             "verdict": verdict,
             "digest": prep.build.digest if prep.build else None,
+            "variant": prep.build.variant if prep.build else None,
             "wheels": [{"name": w.name, "version": w.version, "file": w.file.name, "sha256": w.sha256}
                        for w in (prep.build.wheels if prep.build else ())],
             "requirements": list(sc.requirements),

@@ -40,7 +40,7 @@ def build_cmd(ctx: Context, stack: str, engine_urls: tuple[str, ...], force: boo
 
 def _render_plan(plan: dict) -> None:
     click.echo(f"stack {plan['stack']}: recipe {plan['recipe']} ({plan['dockerfile']}), base {plan['base']}"
-               f" [{plan['base_id'] or 'not on the engine'}]")
+               f" [{plan['base_id'] or 'not on the engine'}]" + variant_line(plan.get("variant")))
     for step in plan["steps"]:
         resolved = "" if step["key_resolved"] else " (base image unresolved)"
         click.echo(f"\n== {step['source']}  key {step['key'][:16]}{resolved}  image {step['image']}")
@@ -53,12 +53,21 @@ def _render_plan(plan: dict) -> None:
             click.echo(f"     {line}")
 
 
+def variant_line(variant: dict | None) -> str:
+    """Says which target a dist was built for and what that target leaves out."""
+    if not variant:
+        return ""
+    skipped = ", ".join(variant.get("skipped") or []) or "nothing"
+    return f" (variant {variant['name']}: skipped {skipped})"
+
+
 def _render_build(manifest: dict) -> None:
     summary = manifest.get("summary", {})
     for wheel in manifest["wheels"]:
         click.echo(f"{wheel['file']}  {wheel['sha256'][:16]}")
     click.echo(f"dist/{manifest['stack']}: built {len(summary.get('built', []))}, "
-               f"cached {len(summary.get('cached', []))}, {summary.get('seconds', 0):.2f} s, digest {manifest['digest'][:16]}")
+               f"cached {len(summary.get('cached', []))}, {summary.get('seconds', 0):.2f} s, digest {manifest['digest'][:16]}"
+               + variant_line(manifest.get("variant")))
 
 
 @main.command("verify")
@@ -70,7 +79,8 @@ def verify_cmd(ctx: Context, folder: Path) -> None:
     from ..build import verify
 
     result = run(ctx, lambda: verify(folder))
-    emit(ctx, result, lambda r: click.echo(f"ok: {len(r['wheels'])} wheels of {r['stack']} match {r['folder']}/manifest.json"))
+    emit(ctx, result, lambda r: click.echo(f"ok: {len(r['wheels'])} wheels of {r['stack']} match {r['folder']}/manifest.json"
+                                           + variant_line(r.get("variant"))))
 
 
 @main.command("doctor")
