@@ -25,23 +25,24 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-from . import __version__, engine as engines
+from . import __version__, engine as engines, versions
 from .config import Config, ResolvedStack, Source, Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
                      redact_tree)
 from .fsutil import sha256, sha256_file
 from .series import stack_patch_digests
-from .sources import tree_archive
+from .sources import has_commit, mirror_path, tree_archive
 from .settings import Settings
+from .versions import SourceVersion
 
 SCHEMA = 1
-KEY_VERSION = "stackbuild-build-1"
+KEY_VERSION = "stackbuild-build-2"
 INSIDE = "/sb"
 SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
 TAIL_LINES = 25
 BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
               "caches", "memory_gb", "disk_gb", "engines", "timeout"}
-SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip"}
+SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version"}
 DEFAULT_COMMAND = 'python -m pip wheel --no-deps --use-pep517 -w "$OUT" .'
 CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
 
@@ -85,6 +86,7 @@ class SourceBuild:
     needs: tuple[str, ...] = ()
     directory: str = ""
     skip: bool = False
+    version: str | None = None  # overrides the version derived from a git pin (builder/versions.py)
 
 
 def _strings(w: Where | None, key: str, value: Any) -> tuple[str, ...]:
@@ -208,6 +210,11 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
     directory = str(table.get("directory", "")).strip("/")
     if ".." in Path(directory).parts:
         raise _err(w, f"{key}.directory", "'directory' must stay inside the source")
+    version = table.get("version")
+    if version is not None:
+        problem = versions.check_version(version) if isinstance(version, str) else "'version' must be a string"
+        if problem:
+            raise _err(w, f"{key}.version", problem, hint='e.g. version = "0.20.2.dev0+gc51df4300"')
     return SourceBuild(
         command=str(table.get("command", DEFAULT_COMMAND)),
         env=MappingProxyType(_str_map(w, f"{key}.env", table.get("env", {}))),
@@ -215,6 +222,7 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
         needs=_strings(w, f"{key}.needs", table.get("needs", [])),
         directory=directory,
         skip=bool(table.get("skip", False)),
+        version=version,
     )
 
 
@@ -240,6 +248,7 @@ class BuildInput:
     base: str
     patches: tuple[PatchInput, ...] = ()
     commit: str | None = None
+    version: SourceVersion | None = None  # what setuptools-scm is told; None: the tree says itself
 
 
 def _canonical(data: Any) -> bytes:
@@ -280,6 +289,7 @@ def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str 
     payload = {
         "v": KEY_VERSION,
         "source": {"name": item.source.name, "kind": item.source.kind, "pin": item.source.pin, "base": item.base},
+        "version": item.version.value if item.version else None,
         "patches": [[p.name, p.sha256, p.strip, p.directory] for p in item.patches],
         "recipe": recipe_identity(recipe, base_id),
         "build": {"command": spec.command, "env": source_env(recipe, spec), "requires": list(spec.requires),
@@ -301,14 +311,20 @@ def _patch_inputs(patches) -> tuple[PatchInput, ...]:
     return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory) for p in patches)
 
 
-def stack_inputs(settings: Settings, cfg: Config, stack_name: str) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
-    """Pins and patch bytes of each source, without applying anything, and a resolver that
-    applies the whole stack (once, in memory) the first time a wheel really has to be built."""
+def stack_inputs(settings: Settings, cfg: Config, stack_name: str, specs: Mapping[str, SourceBuild] | None = None
+                 ) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
+    """Pins, patch bytes and versions of each source, without applying anything, and a resolver
+    that applies the whole stack (once, in memory) the first time a wheel really has to be built."""
     from . import apply
 
+    specs = specs or {}
     prep = apply.prepare(settings, cfg, stack_name)
-    items = [BuildInput(src, prep.synced[src.name].git_dir, prep.synced[src.name].commit,
-                        _patch_inputs(prep.patches[src.name])) for src in prep.stack.sources]
+    items = []
+    for src in prep.stack.sources:
+        synced = prep.synced[src.name]
+        given = (specs.get(src.name) or parse_source_build(src, cfg.where)).version
+        items.append(BuildInput(src, synced.git_dir, synced.commit, _patch_inputs(prep.patches[src.name]),
+                                version=versions.for_source(settings, src, synced.git_dir, synced.commit, given)))
     applied: dict[str, str] = {}
     lock = threading.Lock()
 
@@ -357,8 +373,10 @@ def _wheel_meta(filename: str) -> tuple[str, str]:
     return parts[0], parts[1] if len(parts) > 1 else ""
 
 
-def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool) -> str:
-    """The script each container runs; every input it reads was copied in under /sb."""
+def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool, *, version: SourceVersion | None = None,
+                 dist: str = "") -> str:
+    """The script each container runs; every input it reads was copied in under /sb. The version
+    is exported only for the build command: a requirement built from an sdist must keep its own."""
     lines = [
         "#!/bin/bash",
         "set -euo pipefail",
@@ -377,6 +395,8 @@ def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool) -> str:
         lines.append("python -m pip install " + " ".join(shlex.quote(r) for r in spec.requires))
     if has_deps:
         lines.append('python -m pip install --no-deps "$DEPS"/*.whl')
+    if version is not None:
+        lines.append("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in versions.pretend_env(dist, version).items()))
     lines += [
         f'cd "$SRC"/{shlex.quote(spec.directory)}' if spec.directory else 'cd "$SRC"',
         'echo "stackbuild: $(python --version 2>&1) in $(pwd)"',
@@ -536,7 +556,7 @@ def build_inputs(
             tree = tree_archive(settings, job.item.source, job.item.git_dir, commit)
             deps = [_cache_dir(settings, keys[n]) / w["file"] for n in job.spec.needs
                     for w in (_load_cached(settings, keys[n]) or {"wheels": []})["wheels"]]
-            script = build_script(recipe, job.spec, bool(deps))
+            script = build_script(recipe, job.spec, bool(deps), version=job.item.version, dist=name)
             env = source_env(recipe, job.spec)
             mounts = {str(path): f"{CONTAINER_CACHE}/{kind}" for kind, path in recipe.caches.items()}
             for path in recipe.caches.values():
@@ -652,6 +672,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "location": item.source.location,
                 "pin": item.source.pin,
                 "base_commit": item.base,
+                "version": item.version.to_json() if item.version else None,
                 "patches": [{"name": p.name, "sha256": p.sha256} for p in item.patches],
                 "key": result.key,
                 "recipe": {"name": recipe.name, "dockerfile": recipe.dockerfile.name,
@@ -744,9 +765,21 @@ def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls
     resolved = cfg.stack(stack_name)
     recipe = stack_recipe(cfg, resolved)
     specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
-    items, resolve = stack_inputs(settings, cfg, stack_name)
+    items, resolve = stack_inputs(settings, cfg, stack_name, specs)
     return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force,
                         log=log, resolve=resolve, variant=resolved.variant.record() if resolved.variant else None)
+
+
+def _planned_version(settings: Settings, source: Source, spec: SourceBuild) -> tuple[SourceVersion | None, bool]:
+    """(version, known): a plan never fetches, so a git pin not yet in the mirror, or whose tags were
+    never listed, has no version yet and its key is unresolved."""
+    if spec.version is not None or source.kind != "git":
+        return versions.for_source(settings, source, Path(), "", spec.version), True
+    git_dir = mirror_path(settings, source)
+    if not (git_dir / "HEAD").is_file() or not has_commit(git_dir, str(source.commit)):
+        return None, False
+    found = versions.for_source(settings, source, git_dir, str(source.commit), None, lookup=False)
+    return found, found is not None
 
 
 def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = ()) -> dict:
@@ -768,14 +801,16 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
     for name in order:
         job = jobs[name]
         patches = tuple(PatchInput(d.label, d.sha256, b"", d.strip, d.directory) for d in digests[name])
-        item = BuildInput(job.item.source, Path(), job.item.source.pin, patches)
+        version, version_known = _planned_version(settings, job.item.source, job.spec)
+        item = BuildInput(job.item.source, Path(), job.item.source.pin, patches, version=version)
         keys[name] = cache_key(item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs])
         steps.append({
             "source": name, "pin": item.source.pin, "location": item.source.location,
             "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
-            "needs": list(job.spec.needs), "key": keys[name], "key_resolved": base_id is not None,
+            "version": version.to_json() if version else None,
+            "needs": list(job.spec.needs), "key": keys[name], "key_resolved": base_id is not None and version_known,
             "image": image_tag(recipe, base_id), "env": redact(source_env(recipe, job.spec)),
-            "script": build_script(recipe, job.spec, bool(job.spec.needs)),
+            "script": build_script(recipe, job.spec, bool(job.spec.needs), version=version, dist=name),
         })
     return redact_tree({"stack": stack_name, "variant": resolved.variant.record() if resolved.variant else None,
                         "recipe": recipe.name, "dockerfile": str(recipe.dockerfile),

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import import_archive, imported_commit
-from .config import Source, looks_like_option
+from .config import SHA_RE, Source, looks_like_option
 from .errors import SourceError, redact_credentials
-from .fsutil import locked
+from .fsutil import atomic_write, locked
 from .git import ALLOWED_PROTOCOLS, git, out
 from .settings import Settings
 
@@ -125,6 +125,51 @@ def sync(settings: Settings, source: Source, *, root: Path | None = None, progre
     if source.submodules:
         sync_submodules(settings, source, git_dir, sha, progress=progress)
     return Synced(source, git_dir, sha, fetched=True)
+
+
+# What `git check-ref-format` takes, narrowed: a tag name we cannot store is no version anyway.
+_TAG_NAME_RE = re.compile(r"^(?!.*(?:\.\.|//|@\{|\.lock$|/\.))[A-Za-z0-9][A-Za-z0-9._/+-]*(?<![./])$")
+
+
+def tags_marker(git_dir: Path, commit: str) -> Path:
+    return git_dir / "stackbuild-tags" / commit
+
+
+def record_tags(settings: Settings, source: Source, git_dir: Path, commit: str) -> int:
+    """Stores as refs/tags/* every upstream tag whose commit the mirror already holds, so
+    `git describe` can see the tags reachable from a pin. The pin is fetched by SHA without tags;
+    `ls-remote` lists them without fetching a single object, and a tag on a commit we do not hold
+    cannot be reachable from the pin. Returns how many tags were stored; a marker per pin says the
+    lookup ran."""
+    url = settings.rewrite(str(source.url))
+    proc = git(["ls-remote", "--tags", "--", url], git_dir=git_dir, check=False)
+    if proc.returncode != 0:
+        lines = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise SourceError(f"cannot list the tags of source '{source.name}' at {redact_credentials(url)}"
+                          + (f": {lines[-1]}" if lines else ""), where=f"sources.{source.name}",
+                          hint=f'the version comes from the tags; reach the URL once, or set version = "…" in [sources.{source.name}.build]')
+    target: dict[str, str] = {}
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        sha, _, ref = line.partition("\t")
+        if not ref.startswith("refs/tags/") or not SHA_RE.match(sha):
+            continue
+        name = ref[len("refs/tags/"):]
+        if name.endswith("^{}"):
+            target[name[:-3]] = sha  # an annotated tag's commit, listed after the tag object
+        else:
+            target.setdefault(name, sha)
+    target = {n: s for n, s in target.items() if _TAG_NAME_RE.match(n)}
+    held: set[str] = set()
+    if target:
+        listed = git(["cat-file", "--batch-check=%(objectname) %(objecttype)"], git_dir=git_dir,
+                     input="".join(f"{s}\n" for s in sorted(set(target.values()))).encode()).stdout.decode()
+        held = {line.split()[0] for line in listed.splitlines() if line.endswith(" commit")}
+    updates = "".join(f"update refs/tags/{n} {s}\n" for n, s in sorted(target.items()) if s in held)
+    with _mirror_lock(settings, git_dir, source):
+        if updates:
+            git(["update-ref", "--stdin"], git_dir=git_dir, input=updates.encode())
+        atomic_write(tags_marker(git_dir, commit), f"{updates.count(chr(10))}\n".encode(), durable=False)
+    return updates.count("\n")
 
 
 @dataclass(frozen=True)
