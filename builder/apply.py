@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 from .config import Config, ResolvedStack, Source
 from .errors import ApplyError, LockError, PatchError, StackbuildError
@@ -675,9 +675,12 @@ class Prepared:
 
 
 def prepare(settings: Settings, config: Config, name: str, *, progress: bool = False,
-            tolerant: bool = False) -> Prepared:
-    """TOLERANT (check): a patch that cannot be read becomes a `malformed` verdict in its place."""
+            tolerant: bool = False, sources: Collection[str] | None = None) -> Prepared:
+    """TOLERANT (check): a patch that cannot be read becomes a `malformed` verdict in its place.
+    SOURCES: only these sources are synced and their patches read (a partial build)."""
     stack = config.stack(name)
+    if sources is not None:
+        stack = stack.restricted(sources)
     patches = load_stack_patches(settings, config, stack, tolerant=tolerant)
     synced = {s.name: sync(settings, s, root=config.root, progress=progress) for s in stack.sources}
     return Prepared(stack, patches, synced, {s.name: s.fuzz for s in stack.series})

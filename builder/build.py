@@ -19,13 +19,13 @@ import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
-from . import __version__, engine as engines, versions
+from . import __version__, engine as engines, versions, wheelcheck
 from .config import Config, ResolvedStack, Source, Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
                      redact_tree)
@@ -42,7 +42,10 @@ SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", 
 TAIL_LINES = 25
 BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
               "caches", "memory_gb", "disk_gb", "engines", "timeout"}
-SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version"}
+SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version", "compile_check",
+                     "import_check"}
+IMPORT_MODES = ("auto", "strict", "off")
+CHECKER = Path(wheelcheck.__file__)
 DEFAULT_COMMAND = 'python -m pip wheel --no-deps --use-pep517 -w "$OUT" .'
 CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
 
@@ -87,6 +90,8 @@ class SourceBuild:
     directory: str = ""
     skip: bool = False
     version: str | None = None  # overrides the version derived from a git pin (builder/versions.py)
+    compile_check: bool = True  # every module of the wheel byte-compiles (builder/wheelcheck.py)
+    import_check: str = "auto"  # auto | strict | off: importing the wheel's top packages
 
 
 def _strings(w: Where | None, key: str, value: Any) -> tuple[str, ...]:
@@ -210,6 +215,12 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
     directory = str(table.get("directory", "")).strip("/")
     if ".." in Path(directory).parts:
         raise _err(w, f"{key}.directory", "'directory' must stay inside the source")
+    compile_check = table.get("compile_check", True)
+    if not isinstance(compile_check, bool):
+        raise _err(w, f"{key}.compile_check", "'compile_check' must be true or false")
+    import_check = table.get("import_check", "auto")
+    if import_check not in IMPORT_MODES:
+        raise _err(w, f"{key}.import_check", f"'import_check' must be one of {', '.join(IMPORT_MODES)}, not {import_check!r}")
     version = table.get("version")
     if version is not None:
         problem = versions.check_version(version) if isinstance(version, str) else "'version' must be a string"
@@ -223,7 +234,51 @@ def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
         directory=directory,
         skip=bool(table.get("skip", False)),
         version=version,
+        compile_check=compile_check,
+        import_check=import_check,
     )
+
+
+# ---------------------------------------------------------------- partial builds
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which sources of a stack a build leaves out, and why. A build with any left out is partial:
+    its dist says so, and `verify` and `smoke` refuse it."""
+
+    skipped: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # source -> why
+    recipe: str | None = None  # a recipe other than the stack's (`--recipe`)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.skipped)
+
+
+def select_only(resolved: ResolvedStack, specs: Mapping[str, SourceBuild], only: Sequence[str],
+                recipe: str | None = None) -> Selection:
+    """`--only A,B`: every other source the stack builds is skipped. Naming a source the stack does
+    not build is an error, not an empty build."""
+    built = [s.name for s in resolved.sources if not specs[s.name].skip]
+    for name in only:
+        if name not in built:
+            known = [s.name for s in resolved.sources]
+            why = ("has skip = true: it has no wheel of its own" if name in known
+                   else f"is not a source of stack '{resolved.name}'")
+            raise ConfigError(f"--only {name}: '{name}' {why}", where=f"stacks.{resolved.name}",
+                              hint=f"built by this stack: {', '.join(built) or 'nothing'}")
+    wanted = set(only)
+    skipped = {n: "not in --only" for n in built if only and n not in wanted}
+    return Selection(MappingProxyType(skipped), recipe)
+
+
+def refuse_partial(manifest: Mapping[str, Any], where: Path | str, what: str) -> None:
+    """`verify` and `smoke` stand for a whole stack: a partial dist is refused in one line."""
+    if manifest.get("partial"):
+        skipped = ", ".join(s.get("source", "?") for s in manifest.get("skipped", [])) or "?"
+        stack = manifest.get("stack", "STACK")
+        raise VerifyError(f"{what} refuses a partial build of '{stack}' (skipped: {skipped})", where=str(where),
+                          hint=f"build the whole stack first: stackbuild build {stack} (without --only)")
 
 
 # ---------------------------------------------------------------- inputs and keys
@@ -236,6 +291,7 @@ class PatchInput:
     data: bytes = field(repr=False, compare=False, default=b"")
     strip: int = 1
     directory: str = ""
+    paths: tuple[str, ...] = field(compare=False, default=())  # the files it changes, to name on a failed check
 
 
 @dataclass(frozen=True)
@@ -294,6 +350,8 @@ def cache_key(item: BuildInput, spec: SourceBuild, recipe: Recipe, base_id: str 
         "recipe": recipe_identity(recipe, base_id),
         "build": {"command": spec.command, "env": source_env(recipe, spec), "requires": list(spec.requires),
                   "directory": spec.directory, "index": [recipe.index_url, *recipe.extra_index_urls]},
+        # A wheel that passed other checks (or none) has not passed these.
+        "checks": [spec.compile_check, spec.import_check, sha256(CHECKER.read_bytes())],
         "wheelhouse": wheelhouse if wheelhouse is not None else wheelhouse_listing(recipe),
         "needs": list(dep_keys),
     }
@@ -308,17 +366,20 @@ def redact(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _patch_inputs(patches) -> tuple[PatchInput, ...]:
-    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory) for p in patches)
+    return tuple(PatchInput(p.label, p.sha256, p.data, p.strip, p.directory,
+                            tuple(f"{p.directory}/{q}" if p.directory else q for q in p.paths)) for p in patches)
 
 
-def stack_inputs(settings: Settings, cfg: Config, stack_name: str, specs: Mapping[str, SourceBuild] | None = None
-                 ) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
+def stack_inputs(settings: Settings, cfg: Config, stack_name: str, specs: Mapping[str, SourceBuild] | None = None,
+                 skipped: Collection[str] = ()) -> tuple[list[BuildInput], Callable[[BuildInput], str]]:
     """Pins, patch bytes and versions of each source, without applying anything, and a resolver
-    that applies the whole stack (once, in memory) the first time a wheel really has to be built."""
+    that applies the whole stack (once, in memory) the first time a wheel really has to be built.
+    SKIPPED sources are neither synced nor patched: a partial build must not need their upstreams."""
     from . import apply
 
     specs = specs or {}
-    prep = apply.prepare(settings, cfg, stack_name)
+    keep = [s.name for s in cfg.stack(stack_name).sources if s.name not in skipped] if skipped else None
+    prep = apply.prepare(settings, cfg, stack_name, sources=keep)
     items = []
     for src in prep.stack.sources:
         synced = prep.synced[src.name]
@@ -366,6 +427,59 @@ class SourceResult:
     base_id: str | None
     log: Path | None
     engine: str
+    checks: tuple[Mapping[str, Any], ...] = ()
+
+
+def _check_report(blob: bytes) -> dict | None:
+    found = dict(engines.extract_files(blob, wheelcheck.REPORT))
+    try:
+        return json.loads(found[wheelcheck.REPORT]) if wheelcheck.REPORT in found else None
+    except ValueError:
+        return None
+
+
+def _check_summary(report: dict | None) -> list[dict]:
+    """Per wheel: how many modules byte-compiled, and each import's outcome in one line."""
+    if report is None:
+        return []
+    out = []
+    for entry in report.get("wheels", []):
+        item: dict[str, Any] = {"file": entry.get("file")}
+        if "compiled" in entry:
+            item["compiled"] = entry["compiled"]
+        if "imports" in entry:
+            item["imports"] = [{"module": i["module"], "status": i["status"],
+                                **({} if i["status"] == "ok" else {"reason": f"{i.get('type')}: {i.get('message')}"})}
+                               for i in entry["imports"]]
+        out.append(item)
+    return out
+
+
+def _check_failure(name: str, report: dict, item: BuildInput, log_path: Path) -> BuildError:
+    """The first finding, as file:line, with the patches of this source that touch that file."""
+    for entry in report.get("wheels", []):
+        errors = entry.get("compile_errors") or []
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            message = (f"{name}: {first['file']}:{first['line']}: {first['type']}: {first['message']}{more} — "
+                       f"the wheel {entry['file']} does not byte-compile")
+            return BuildError(message, where=str(log_path), hint=_touching(item, first["file"]))
+        for imp in entry.get("imports") or []:
+            if imp["status"] == "failed":
+                at = imp.get("where") or {}
+                place = f"{at['file']}:{at['line']}: " if at.get("file") else ""
+                message = f"{name}: {place}import {imp['module']} failed: {imp['type']}: {imp['message']}"
+                return BuildError(message, where=str(log_path), hint=_touching(item, at.get("file")))
+    return BuildError(f"{name}: the wheel check failed", where=str(log_path))
+
+
+def _touching(item: BuildInput, wheel_path: str | None) -> str:
+    patches = [p.name for p in item.patches if wheel_path and any(
+        path == wheel_path or path.endswith("/" + wheel_path) for path in p.paths)]
+    if patches:
+        return f"the file is changed by {', '.join(patches)}; fix the patch, or set compile_check/import_check"
+    return f"fix the source or its patches, or set compile_check / import_check in [sources.{item.source.name}.build]"
 
 
 def _wheel_meta(filename: str) -> tuple[str, str]:
@@ -403,6 +517,9 @@ def build_script(recipe: Recipe, spec: SourceBuild, has_deps: bool, *, version: 
         spec.command,
         'ls "$OUT"/*.whl >/dev/null 2>&1 || { echo "stackbuild: the command made no wheel in $OUT" >&2; exit 3; }',
     ]
+    if spec.compile_check or spec.import_check != "off":
+        lines.append(f'python {INSIDE}/wheelcheck.py "$OUT" {"compile" if spec.compile_check else "no-compile"} '
+                     f'{spec.import_check}')
     return "\n".join(lines) + "\n"
 
 
@@ -414,10 +531,10 @@ def _input_tar(tree: bytes, script: str, recipe: Recipe, deps: Sequence[Path]) -
             for member in src.getmembers():
                 member.name = f"{INSIDE.lstrip('/')}/src/{member.name}"
                 tar.addfile(member, src.extractfile(member) if member.isfile() else None)
-        info = tarfile.TarInfo(f"{INSIDE.lstrip('/')}/build.sh")
-        data = script.encode()
-        info.size, info.mode = len(data), 0o755
-        tar.addfile(info, io.BytesIO(data))
+        for name, data, mode in (("build.sh", script.encode(), 0o755), ("wheelcheck.py", CHECKER.read_bytes(), 0o644)):
+            info = tarfile.TarInfo(f"{INSIDE.lstrip('/')}/{name}")
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
         if recipe.ca_bundle is not None:
             tar.add(str(recipe.ca_bundle), arcname=f"{INSIDE.lstrip('/')}/certs/ca.pem")
         if recipe.wheelhouse is not None:
@@ -498,6 +615,7 @@ def _ensure_image(eng: engines.Engine, recipe: Recipe, base_id: str, log: Log) -
 class _Job:
     item: BuildInput
     spec: SourceBuild
+    needs_skipped: tuple[str, ...] = ()
 
 
 def build_inputs(
@@ -512,15 +630,21 @@ def build_inputs(
     log: Log = lambda _line: None,
     dist_dir: Path | None = None,
     resolve: Callable[[BuildInput], str] = _given_commit,
+    selection: Selection = Selection(),
     variant: Mapping[str, Any] | None = None,
 ) -> dict:
     """Builds (or takes from the cache) every source's wheel, then writes dist/<stack>/ with the
-    wheels and manifest.json. Any failure raises before dist/ is touched."""
+    wheels and manifest.json. Any failure raises before dist/ is touched. Sources the SELECTION
+    skips are not built, and a source needing one is built without its wheel."""
     started = time.monotonic()
     specs = dict(specs or {})
     jobs = {i.source.name: _Job(i, specs.get(i.source.name) or parse_source_build(i.source)) for i in items}
-    jobs = {n: j for n, j in jobs.items() if not j.spec.skip}
+    jobs = {n: j for n, j in jobs.items() if not j.spec.skip and n not in selection.skipped}
     for name, job in jobs.items():
+        dropped = tuple(n for n in job.spec.needs if n in selection.skipped)
+        if dropped:
+            job.spec = replace(job.spec, needs=tuple(n for n in job.spec.needs if n not in dropped))
+            job.needs_skipped = dropped
         for need in job.spec.needs:
             if need not in jobs:
                 raise ConfigError(f"source '{name}' needs '{need}', which this stack does not build",
@@ -572,7 +696,10 @@ def build_inputs(
             except TimeoutError as exc:
                 raise BuildError(f"building {name} timed out: {exc}", where=str(progress.path),
                                  hint="raise build.timeout, or lower MAX_JOBS if the host is swapping") from None
+            report = _check_report(blob)
             if code != 0:
+                if code == wheelcheck.FAILED and report is not None and not report.get("ok", True):
+                    raise _check_failure(name, report, job.item, progress.path)
                 for line in [f"--- last {len(progress.tail)} lines of {progress.path} ---", *progress.tail]:
                     log(line)
                 raise BuildError(f"building {name} failed with exit code {code}", where=str(progress.path),
@@ -581,6 +708,7 @@ def build_inputs(
             meta = _store(settings, key, wheels, {
                 "source": name, "key": key, "commit": commit, "image_id": image, "base_id": base_id,
                 "env": redact(env), "seconds": round(time.monotonic() - t0, 3), "engine": eng.name,
+                "checks": _check_summary(report),
             })
         finally:
             progress.close()
@@ -597,7 +725,7 @@ def build_inputs(
         raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}")
     done = [results[n] for n in order]
     return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started,
-                      variant=variant)
+                      selection=selection, variant=variant)
 
 
 def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, eng: engines.Engine,
@@ -606,6 +734,7 @@ def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, e
         source=name, key=key, cached=cached, seconds=0.0 if cached else float(meta["seconds"]),
         wheels=tuple(WheelFile(w["file"], w["sha256"], w["name"], w["version"]) for w in meta["wheels"]),
         image_id=meta["image_id"], base_id=meta["base_id"], log=log_path, engine=eng.name,
+        checks=tuple(meta.get("checks", [])),
     )
 
 
@@ -635,19 +764,25 @@ def stack_digest(keys: Sequence[str]) -> str:
 
 def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], recipe: Recipe,
                jobs: Mapping[str, _Job], done: Sequence[SourceResult], *, dist_dir: Path | None, seconds: float,
-               variant: Mapping[str, Any] | None = None) -> dict:
-    """dist/<stack>/ is assembled beside the old one and swapped in last. When the digest is the
-    one already there, nothing is rewritten."""
+               selection: Selection = Selection(), variant: Mapping[str, Any] | None = None) -> dict:
+    """dist/<stack>/ is assembled beside the old one and swapped in last. When the digest and what
+    was left out are the ones already there, nothing is rewritten."""
     target = (dist_dir or settings.dist_dir) / stack
     digest = stack_digest([r.key for r in done])
+    scope = {
+        "partial": selection.partial,
+        "skipped": [{"source": n, "reason": why} for n, why in selection.skipped.items()],
+        "recipe_override": selection.recipe,
+    }
     existing = target / "manifest.json"
     if existing.is_file():
         try:
             old = json.loads(existing.read_text())
         except ValueError:
             old = {}
-        if old.get("digest") == digest and _quick_ok(target, old):
-            old["summary"] = _summary(done, seconds, reused=True)
+        if (old.get("digest") == digest and all(old.get(k) == v for k, v in scope.items())
+                and _quick_ok(target, old)):
+            old["summary"] = _summary(done, seconds, reused=True, selection=selection)
             return old
     by_name = {i.source.name: i for i in items}
     manifest = {
@@ -656,6 +791,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
         "digest": digest,
         "tool": {"name": "stackbuild", "version": __version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **scope,
         "sources": [],
         "wheels": [],
     }
@@ -674,6 +810,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "base_commit": item.base,
                 "version": item.version.to_json() if item.version else None,
                 "patches": [{"name": p.name, "sha256": p.sha256} for p in item.patches],
+                "needs_skipped": list(jobs[result.source].needs_skipped),
                 "key": result.key,
                 "recipe": {"name": recipe.name, "dockerfile": recipe.dockerfile.name,
                            "dockerfile_sha256": sha256(recipe.dockerfile_bytes), "args": dict(recipe.args),
@@ -681,6 +818,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
                 "image": {"id": result.image_id, "base": recipe.base, "base_id": result.base_id},
                 "env": redact(source_env(recipe, spec)),
                 "wheels": [w.file for w in result.wheels],
+                "checks": list(result.checks),
                 "seconds": result.seconds,
                 "cached": result.cached,
                 "engine": result.engine,
@@ -703,13 +841,13 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
             shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    manifest["summary"] = _summary(done, seconds, reused=False)
+    manifest["summary"] = _summary(done, seconds, reused=False, selection=selection)
     return manifest
 
 
-def _summary(done: Sequence[SourceResult], seconds: float, *, reused: bool) -> dict:
+def _summary(done: Sequence[SourceResult], seconds: float, *, reused: bool, selection: Selection) -> dict:
     return {"built": [r.source for r in done if not r.cached], "cached": [r.source for r in done if r.cached],
-            "seconds": round(seconds, 3), "dist_reused": reused}
+            "skipped": list(selection.skipped), "seconds": round(seconds, 3), "dist_reused": reused}
 
 
 def _quick_ok(folder: Path, manifest: dict) -> bool:
@@ -732,6 +870,7 @@ def verify(folder: Path) -> dict:
         raise VerifyError(f"unreadable manifest: {exc}", where=str(path)) from None
     if manifest.get("schema") != SCHEMA:
         raise VerifyError(f"manifest schema {manifest.get('schema')!r}, expected {SCHEMA}", where=str(path))
+    refuse_partial(manifest, path, "verify")
     checked = []
     for wheel in manifest.get("wheels", []):
         file = folder / wheel["file"]
@@ -756,18 +895,32 @@ def verify(folder: Path) -> dict:
 # ---------------------------------------------------------------- stack entry points
 
 
-def stack_recipe(cfg: Config, resolved: ResolvedStack) -> Recipe:
-    return parse_recipe(resolved.build, cfg.root, cfg.where)
+# Keys of [build] that belong to the recipe the stack names: another recipe starts from its own.
+RECIPE_BOUND_KEYS = ("base", "args", "memory_gb", "disk_gb")
+
+
+def stack_recipe(cfg: Config, resolved: ResolvedStack, recipe: str | None = None) -> Recipe:
+    """RECIPE (`--recipe`) replaces the stack's; its base image, build args and host needs then come
+    from that recipe's Dockerfile (and STACKBUILD_BASE_IMAGE), not from the stack's [build]."""
+    table = dict(resolved.build)
+    if recipe is not None and recipe != table.get("recipe", "cpu"):
+        table = {k: v for k, v in table.items() if k not in RECIPE_BOUND_KEYS}
+        table["recipe"] = recipe
+    return parse_recipe(table, cfg.root, cfg.where)
 
 
 def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = (),
-                force: bool = False, log: Log = lambda _line: None) -> dict:
+                force: bool = False, log: Log = lambda _line: None, only: Sequence[str] = (),
+                recipe: str | None = None) -> dict:
+    """ONLY: build just these sources (a partial build); RECIPE: another recipe than the stack's."""
     resolved = cfg.stack(stack_name)
-    recipe = stack_recipe(cfg, resolved)
+    built_recipe = stack_recipe(cfg, resolved, recipe)
     specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
-    items, resolve = stack_inputs(settings, cfg, stack_name, specs)
-    return build_inputs(settings, stack_name, items, recipe, specs=specs, engine_urls=engine_urls, force=force,
-                        log=log, resolve=resolve, variant=resolved.variant.record() if resolved.variant else None)
+    selection = select_only(resolved, specs, only, recipe)
+    items, resolve = stack_inputs(settings, cfg, stack_name, specs, skipped=selection.skipped)
+    return build_inputs(settings, stack_name, items, built_recipe, specs=specs, engine_urls=engine_urls, force=force,
+                        log=log, resolve=resolve, selection=selection,
+                        variant=resolved.variant.record() if resolved.variant else None)
 
 
 def _planned_version(settings: Settings, source: Source, spec: SourceBuild) -> tuple[SourceVersion | None, bool]:
@@ -782,19 +935,27 @@ def _planned_version(settings: Settings, source: Source, spec: SourceBuild) -> t
     return found, found is not None
 
 
-def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = ()) -> dict:
+def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = (),
+               only: Sequence[str] = (), recipe: str | None = None) -> dict:
     """What `build` would do, without building: per source its container script, env, image tag and
     cache key. Keys need the base image's id; where no engine holds it the key is marked unresolved."""
     resolved = cfg.stack(stack_name)
-    recipe = stack_recipe(cfg, resolved)
+    built_recipe = stack_recipe(cfg, resolved, recipe)
     specs = {s.name: parse_source_build(s, cfg.where) for s in resolved.sources}
-    jobs = {s.name: _Job(BuildInput(s, Path(), s.pin), specs[s.name]) for s in resolved.sources if not specs[s.name].skip}
+    selection = select_only(resolved, specs, only, recipe)
+    jobs = {}
+    for s in resolved.sources:
+        spec = specs[s.name]
+        if spec.skip or s.name in selection.skipped:
+            continue
+        jobs[s.name] = _Job(BuildInput(s, Path(), s.pin), replace(spec, needs=tuple(
+            n for n in spec.needs if n not in selection.skipped)))
     order = _topo(jobs)
     base_id = None
-    urls = list(engine_urls) or list(recipe.engines) or [None]
+    urls = list(engine_urls) or list(built_recipe.engines) or [None]
     reachable = next((e for e in engines.connect_many(urls[:1]) if isinstance(e, engines.Engine)), None)
     if reachable is not None:
-        base_id = reachable.image_id(recipe.base)
+        base_id = reachable.image_id(built_recipe.base)
     digests = stack_patch_digests(cfg, resolved)
     keys: dict[str, str] = {}
     steps = []
@@ -803,16 +964,17 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
         patches = tuple(PatchInput(d.label, d.sha256, b"", d.strip, d.directory) for d in digests[name])
         version, version_known = _planned_version(settings, job.item.source, job.spec)
         item = BuildInput(job.item.source, Path(), job.item.source.pin, patches, version=version)
-        keys[name] = cache_key(item, job.spec, recipe, base_id, [keys[n] for n in job.spec.needs])
+        keys[name] = cache_key(item, job.spec, built_recipe, base_id, [keys[n] for n in job.spec.needs])
         steps.append({
             "source": name, "pin": item.source.pin, "location": item.source.location,
             "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
             "version": version.to_json() if version else None,
             "needs": list(job.spec.needs), "key": keys[name], "key_resolved": base_id is not None and version_known,
-            "image": image_tag(recipe, base_id), "env": redact(source_env(recipe, job.spec)),
-            "script": build_script(recipe, job.spec, bool(job.spec.needs), version=version, dist=name),
+            "image": image_tag(built_recipe, base_id), "env": redact(source_env(built_recipe, job.spec)),
+            "script": build_script(built_recipe, job.spec, bool(job.spec.needs), version=version, dist=name),
         })
     return redact_tree({"stack": stack_name, "variant": resolved.variant.record() if resolved.variant else None,
-                        "recipe": recipe.name, "dockerfile": str(recipe.dockerfile),
-                        "base": recipe.base, "base_id": base_id, "build_args": {"BASE": recipe.base, **recipe.args},
-                        "steps": steps})
+                        "recipe": built_recipe.name, "dockerfile": str(built_recipe.dockerfile),
+                        "base": built_recipe.base, "base_id": base_id,
+                        "build_args": {"BASE": built_recipe.base, **built_recipe.args},
+                        "partial": selection.partial, "skipped": list(selection.skipped), "steps": steps})

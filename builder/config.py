@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from .errors import ConfigError
 from .variants import Variant, apply_variant, check_stack_variant, parse_variants
@@ -192,6 +192,11 @@ class ResolvedStack:
 
     def series_for(self, source: str) -> tuple[Series, ...]:
         return tuple(s for s in self.series if s.source == source)
+
+    def restricted(self, names: Collection[str]) -> ResolvedStack:
+        """The same stack holding only the sources NAMES and their series (a partial build)."""
+        return replace(self, series=tuple(s for s in self.series if s.source in names),
+                       sources=tuple(s for s in self.sources if s.name in names))
 
 
 @dataclass(frozen=True)

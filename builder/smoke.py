@@ -501,6 +501,14 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
                          hint=f"run `stackbuild build {stack}`, or set wheels = false in [smoke] to serve requirements only")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"unreadable build manifest: {exc!r}", where=str(manifest),
+                          hint=f"rebuild with `stackbuild build {stack}`") from None
+    from .build import refuse_partial  # the build's engine client is not needed until here
+
+    if isinstance(data, dict):
+        refuse_partial(data, manifest, "smoke")
+    try:
         wheels = []
         for entry in data["wheels"]:
             path = manifest.parent / entry["file"]

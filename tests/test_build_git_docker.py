@@ -8,7 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from builder.cli import main
+from builder.errors import BuildError, SourceError, VerifyError
 from conftest import Upstream, sh
 from test_build_docker import build, engine, env, session_dir  # noqa: F401  (the session fixtures)
 
@@ -87,3 +90,56 @@ def test_tagged_git_source_and_a_given_version(engine, env):  # noqa: F811
     again = build(stack, "t")
     assert again["summary"]["built"] == ["tiny"]  # a new version is a new key
     assert again["wheels"][0]["file"] == "tinypkg-5.0-py3-none-any.whl"
+
+
+def test_only_builds_a_partial_dist_that_verify_refuses(engine, env):  # noqa: F811
+    """The other source's upstream does not even exist: a partial build never touches it."""
+    up = scm_upstream(env / "up")
+    stack = stack_for(env / "p", up, up.head())
+    stack.write_text(stack.read_text().replace("[stacks.t]", f"""[sources.tiny.build]
+needs = ["kernels"]
+
+[sources.kernels]
+url = "{env / 'no-such-repo'}"
+commit = "{'c' * 40}"
+
+[stacks.t]""").replace('sources = ["tiny"]', 'sources = ["tiny", "kernels"]'))
+    runner = CliRunner(mix_stderr=False)
+    result = runner.invoke(main, ["--stack", str(stack), "build", "t", "--only", "tiny", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert "partial build: skipped kernels (not in --only); verify and smoke refuse it" in result.stdout
+    dist = env / "dist" / "t"
+    manifest = json.loads((dist / "manifest.json").read_text())
+    assert manifest["partial"] is True and manifest["skipped"] == [{"source": "kernels", "reason": "not in --only"}]
+    assert [s["name"] for s in manifest["sources"]] == ["tiny"]
+    assert manifest["sources"][0]["needs_skipped"] == ["kernels"] and manifest["sources"][0]["recipe"]["needs"] == []
+    refused = runner.invoke(main, ["verify", str(dist)])
+    assert refused.exit_code == VerifyError.exit_code
+    [line] = refused.stderr.strip().splitlines()
+    assert "manifest.json: verify refuses a partial build of 't' (skipped: kernels)" in line
+    # The same partial build again is a no-op; a full build still needs the missing upstream.
+    again = runner.invoke(main, ["--stack", str(stack), "--json", "build", "t", "--only", "tiny"])
+    assert json.loads(again.stdout)["summary"]["dist_reused"] is True
+    full = runner.invoke(main, ["--stack", str(stack), "build", "t"])
+    assert full.exit_code == SourceError.exit_code and "kernels" in full.stderr
+
+
+def test_a_patch_leaving_a_syntax_error_fails_naming_file_and_line(engine, env):  # noqa: F811
+    up = scm_upstream(env / "up")
+    pin = up.head()
+    broken = up.format_patch({"tinypkg/core.py": "def answer():\n    return 42\n\ndef more(:\n    return 1\n"},
+                             "tinypkg: add more()").decode()
+    stack = stack_for(env / "p", up, pin, {"0001-more.patch": broken})
+    result = CliRunner(mix_stderr=False).invoke(main, ["--stack", str(stack), "build", "t", "--quiet"])
+    assert result.exit_code == BuildError.exit_code, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "tiny: tinypkg/core.py:4: SyntaxError:" in line, line
+    assert "does not byte-compile" in line and "tiny/0001-more.patch" in line
+    assert not (env / "dist" / "t").exists()
+    # The fixed patch builds, and the manifest says what was checked.
+    fixed = up.format_patch({"tinypkg/core.py": "def answer():\n    return 42\n\ndef more():\n    return 1\n"},
+                            "tinypkg: add more()").decode()
+    (env / "p" / "patches" / "tiny" / "0001-more.patch").write_text(fixed)
+    manifest = build(stack, "t")
+    [checks] = manifest["sources"][0]["checks"]
+    assert checks["compiled"] == 2 and checks["imports"] == [{"module": "tinypkg", "status": "ok"}]

@@ -20,18 +20,24 @@ def _log(line: str) -> None:
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds the wheel.")
 @click.option("--plan", "plan_only", is_flag=True, help="Show the build plan (scripts, keys) and build nothing.")
 @click.option("--quiet", is_flag=True, help="Do not stream the container logs (they still go to the log files).")
+@click.option("--only", "only", multiple=True, metavar="SRC[,SRC…]",
+              help="Build only these sources (a partial build: verify and smoke refuse it).")
+@click.option("--recipe", metavar="NAME", help="Build with this recipe instead of the stack's (e.g. cpu).")
 @json_option
 @pass_ctx
-def build_cmd(ctx: Context, stack: str, engine_urls: tuple[str, ...], force: bool, plan_only: bool, quiet: bool) -> None:
+def build_cmd(ctx: Context, stack: str, engine_urls: tuple[str, ...], force: bool, plan_only: bool, quiet: bool,
+              only: tuple[str, ...], recipe: str | None) -> None:
     """Build the wheels of STACK in containers into dist/STACK/."""
     from ..build import build_stack, plan_stack
+
+    names = [n.strip() for value in only for n in value.split(",") if n.strip()]
 
     def go():
         cfg = ctx.config()
         settings = ctx.settings(cfg)
         if plan_only:
-            return plan_stack(settings, cfg, stack, engine_urls=engine_urls)
-        return build_stack(settings, cfg, stack, engine_urls=engine_urls, force=force,
+            return plan_stack(settings, cfg, stack, engine_urls=engine_urls, only=names, recipe=recipe)
+        return build_stack(settings, cfg, stack, engine_urls=engine_urls, force=force, only=names, recipe=recipe,
                            log=(lambda _l: None) if quiet or ctx.as_json else _log)
 
     result = run(ctx, go)
@@ -41,9 +47,13 @@ def build_cmd(ctx: Context, stack: str, engine_urls: tuple[str, ...], force: boo
 def _render_plan(plan: dict) -> None:
     click.echo(f"stack {plan['stack']}: recipe {plan['recipe']} ({plan['dockerfile']}), base {plan['base']}"
                f" [{plan['base_id'] or 'not on the engine'}]" + variant_line(plan.get("variant")))
+    if plan["skipped"]:
+        click.echo(f"partial: skipped {', '.join(plan['skipped'])}")
     for step in plan["steps"]:
         resolved = "" if step["key_resolved"] else " (base image unresolved)"
         click.echo(f"\n== {step['source']}  key {step['key'][:16]}{resolved}  image {step['image']}")
+        if step["version"]:
+            click.echo(f"   version {step['version']['value']}  ({step['version']['origin']})")
         for patch in step["patches"]:
             click.echo(f"   patch {patch['name']}  {patch['sha256'][:12]}")
         for k, v in step["env"].items():
@@ -68,6 +78,9 @@ def _render_build(manifest: dict) -> None:
     click.echo(f"dist/{manifest['stack']}: built {len(summary.get('built', []))}, "
                f"cached {len(summary.get('cached', []))}, {summary.get('seconds', 0):.2f} s, digest {manifest['digest'][:16]}"
                + variant_line(manifest.get("variant")))
+    if manifest.get("partial"):
+        skipped = ", ".join(f"{s['source']} ({s['reason']})" for s in manifest["skipped"])
+        click.echo(f"partial build: skipped {skipped}; verify and smoke refuse it")
 
 
 @main.command("verify")
