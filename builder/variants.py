@@ -21,7 +21,20 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Config, ResolvedStack, Source, Where
 
-VARIANT_KEYS = {"description", "skip", "series", "build", "smoke", "sources"}
+VARIANT_KEYS = {"description", "skip", "series", "build", "smoke", "sources", "precompiled"}
+PRECOMPILED_KEYS = {"source", "wheel", "library", "bindings", "accept"}
+
+
+@dataclass(frozen=True)
+class Precompiled:
+    """The compiled wheel a python-only build takes its extension from, and where the source
+    registers the ops that extension must provide (builder/opsprobe.py compares the two)."""
+
+    source: str
+    wheel: str                  # file name pattern in the wheelhouse
+    library: str                # the extension inside the wheel, e.g. vllm/_C.abi3.so
+    bindings: tuple[str, ...]   # C++ files of the source with the op schemas
+    accept: tuple[str, ...] = ()  # ops known to differ that the variant's serving never calls
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ class Variant:
     build: Mapping[str, Any] | None = None     # None: the stack's own [build] stays
     smoke: Mapping[str, Any] | None = None
     sources: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
+    precompiled: Precompiled | None = None
 
     def record(self) -> dict:
         """What a manifest and a smoke result say about the variant they were made for."""
@@ -77,13 +91,38 @@ def parse_variants(w: Where, raw: Any, sources: Mapping[str, Source], series: Ma
             if src in skip:
                 raise w.error(f"{key}.sources.{src}", f"variant '{name}' both skips and builds source '{src}'")
             _table(w, f"{key}.sources.{src}", build)
+        precompiled = (_parse_precompiled(w, f"{key}.precompiled", table["precompiled"], sources, skip)
+                       if "precompiled" in table else None)
         out[name] = Variant(
-            name=name, description=description, skip=skip, series=added,
+            name=name, description=description, skip=skip, series=added, precompiled=precompiled,
             build=freeze(_table(w, f"{key}.build", table["build"])) if "build" in table else None,
             smoke=freeze(_table(w, f"{key}.smoke", table["smoke"])) if "smoke" in table else None,
             sources=MappingProxyType({k: freeze(v) for k, v in overrides.items()}),
         )
     return out
+
+
+def _parse_precompiled(w: Where, key: str, raw: Any, sources: Mapping[str, Source], skip: tuple[str, ...]) -> Precompiled:
+    from .config import _check_keys, _safe_relative, _str, _table
+
+    raw = _table(w, key, raw)
+    _check_keys(w, key, raw, PRECOMPILED_KEYS)
+    source = _str(w, f"{key}.source", raw.get("source"))
+    if source not in sources or source in skip:
+        raise w.error(f"{key}.source", f"'{key}.source' must name a source the variant builds, not {source!r}")
+    bindings = raw.get("bindings")
+    if not isinstance(bindings, list) or not bindings or not all(isinstance(b, str) and b for b in bindings):
+        raise w.error(f"{key}.bindings", f"'{key}.bindings' must be a list of the source's C++ files that register the ops",
+                      hint='e.g. bindings = ["csrc/cpu/torch_bindings.cpp"]')
+    accept = raw.get("accept", [])
+    if not isinstance(accept, list) or not all(isinstance(a, str) for a in accept):
+        raise w.error(f"{key}.accept", f"'{key}.accept' must be a list of op names")
+    wheel = _str(w, f"{key}.wheel", raw.get("wheel"))
+    if "/" in wheel:
+        raise w.error(f"{key}.wheel", f"'{key}.wheel' is a file name pattern in the wheelhouse, not a path")
+    return Precompiled(source=source, wheel=wheel,
+                       library=_safe_relative(w, f"{key}.library", _str(w, f"{key}.library", raw.get("library"))),
+                       bindings=tuple(_safe_relative(w, f"{key}.bindings", b) for b in bindings), accept=tuple(accept))
 
 
 def check_stack_variant(w: Where, stack_name: str, variant: Any, variants: Mapping[str, Variant]) -> str | None:

@@ -104,11 +104,15 @@ def verify_cmd(ctx: Context, folder: Path) -> None:
 @pass_ctx
 def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine_url: str | None) -> None:
     """Check this host for building STACKS (default: every stack of the stack file): Docker,
-    disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two."""
+    disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two. A variant stack
+    named here whose variant names a precompiled wheel also gets its compiled ops compared with the
+    ones its patched source registers."""
     from ..build import parse_recipe, stack_recipe
     from ..doctor import run_checks
+    from ..opsprobe import check_stack
 
     def go():
+        extra = []
         if recipe:
             recipes, disk = [parse_recipe({"recipe": recipe}, Path.cwd())], ctx.settings().cache_dir
         else:
@@ -116,7 +120,11 @@ def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine
             names = list(stacks) or sorted(cfg.stacks)
             recipes = [stack_recipe(cfg, cfg.stack(n)) for n in names]
             disk = ctx.settings(cfg).cache_dir
-        return run_checks(recipes, engine_url=engine_url, disk_path=disk)
+            # A variant naming its precompiled wheel: are its ops the ones the source calls?
+            # Only for the stacks asked for by name: it syncs and applies the stack in memory.
+            probed = [check_stack(ctx.settings(cfg), cfg, n) for n in stacks]
+            extra = [p[0] for p in probed if p is not None]
+        return run_checks(recipes, engine_url=engine_url, disk_path=disk, extra=extra)
 
     report = run(ctx, go)
     emit(ctx, report, _render_doctor)
