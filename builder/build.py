@@ -254,6 +254,12 @@ class Selection:
     def partial(self) -> bool:
         return bool(self.skipped)
 
+    def manifest_fields(self) -> dict[str, Any]:
+        """What the manifest records of the selection; a dist is reused only when these match."""
+        return {"partial": self.partial,
+                "skipped": [{"source": n, "reason": why} for n, why in self.skipped.items()],
+                "recipe_override": self.recipe}
+
 
 def select_only(resolved: ResolvedStack, specs: Mapping[str, SourceBuild], only: Sequence[str],
                 recipe: str | None = None) -> Selection:
@@ -769,11 +775,7 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
     was left out are the ones already there, nothing is rewritten."""
     target = (dist_dir or settings.dist_dir) / stack
     digest = stack_digest([r.key for r in done])
-    scope = {
-        "partial": selection.partial,
-        "skipped": [{"source": n, "reason": why} for n, why in selection.skipped.items()],
-        "recipe_override": selection.recipe,
-    }
+    scope = selection.manifest_fields()
     existing = target / "manifest.json"
     if existing.is_file():
         try:

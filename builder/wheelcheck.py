@@ -34,15 +34,10 @@ CODE_ERRORS = ("NameError", "SyntaxError", "IndentationError", "TabError")
 SHARED_OBJECT_HINTS = ("cannot open shared object file", "undefined symbol", "wrong ELF class")
 
 
-def compile_wheel(wheel: Path) -> tuple[int, list[dict]]:
-    """(modules compiled, errors) for the .py members of WHEEL."""
+def _compile_members(wheel: str, names: list[str]) -> list[dict]:
     errors: list[dict] = []
-    count = 0
     with zipfile.ZipFile(wheel) as zf:
-        for name in sorted(zf.namelist()):
-            if not name.endswith(".py"):
-                continue
-            count += 1
+        for name in names:
             try:
                 compile(zf.read(name), name, "exec", dont_inherit=True)
             except SyntaxError as exc:  # IndentationError and TabError are SyntaxErrors
@@ -50,7 +45,14 @@ def compile_wheel(wheel: Path) -> tuple[int, list[dict]]:
                                "message": exc.msg, "text": (exc.text or "").strip()})
             except ValueError as exc:  # a NUL byte, an undecodable file
                 errors.append({"file": name, "line": None, "type": type(exc).__name__, "message": str(exc), "text": ""})
-    return count, errors
+    return errors
+
+
+def compile_wheel(wheel: Path) -> tuple[int, list[dict]]:
+    """(modules compiled, errors) for the .py members of WHEEL."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".py"))
+    return len(names), _compile_members(str(wheel), names)
 
 
 def top_names(names: list[str]) -> list[str]:
@@ -96,7 +98,7 @@ def _import_child(root: str, name: str) -> dict:
         elif inside:
             where = {"file": os.path.relpath(inside[-1].filename, root), "line": inside[-1].lineno}
         return {"ok": False, "type": type(exc).__name__, "message": str(exc).splitlines()[0] if str(exc) else "",
-                "module": getattr(exc, "name", None) if isinstance(exc, ImportError) else None, "where": where}
+                "missing": getattr(exc, "name", None) if isinstance(exc, ImportError) else None, "where": where}
 
 
 def classify(outcome: dict, tops: list[str], mode: str) -> str:
@@ -105,7 +107,7 @@ def classify(outcome: dict, tops: list[str], mode: str) -> str:
         return "ok"
     if mode == "strict":
         return "failed"
-    kind, message, module = outcome.get("type"), outcome.get("message", ""), outcome.get("module")
+    kind, message, module = outcome.get("type"), outcome.get("message", ""), outcome.get("missing")
     if kind in CODE_ERRORS:
         return "failed"
     if kind in ("ImportError", "ModuleNotFoundError") and module and module.split(".")[0] in tops:
@@ -133,10 +135,10 @@ def import_wheel(wheel: Path, mode: str) -> list[dict]:
                 else:  # the import killed the interpreter itself (a crash in a shared library)
                     tail = (proc.stderr or "").strip().splitlines()
                     outcome = {"ok": False, "type": "crash", "message": tail[-1] if tail else f"exit {proc.returncode}",
-                               "module": None, "where": None}
+                               "missing": None, "where": None}
             except subprocess.TimeoutExpired:
                 outcome = {"ok": False, "type": "timeout", "message": f"no result after {IMPORT_TIMEOUT} s",
-                           "module": None, "where": None}
+                           "missing": None, "where": None}
             results.append({"module": name, "status": classify(outcome, tops, mode), **outcome})
         return results
 

@@ -291,13 +291,21 @@ def _wheelhouse() -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def vllm_build(engine, tmp_path_factory):
+def _demo_build(tmp_path_factory, label: str, edit=None) -> dict:
+    """examples/cpu copied (its stack.toml changed by EDIT), built twice: once for real, once as
+    the no-op rerun. Only the downloaded sdist and pip's cache are shared between sessions; wheels
+    are built afresh."""
     wheelhouse = _wheelhouse()
-    root = tmp_path_factory.mktemp("vllm")
+    root = tmp_path_factory.mktemp(label)
     shutil.copytree(REPO / "examples" / "cpu", root / "cpu")
+    stack_toml = root / "cpu" / "stack.toml"
+    text = stack_toml.read_text()
+    # One pip cache for every demo build, kept between sessions: the requirements are the same.
+    pip_cache = 'caches = { pip = "~/.cache/stackbuild/pip" }'
+    assert pip_cache in text
+    text = text.replace(pip_cache, f'caches = {{ pip = "{DATA / "pip-cache"}" }}')
+    stack_toml.write_text(edit(text) if edit is not None else text)
     cache = root / "cache"
-    # Only the downloaded sdist is shared between sessions; wheels are always built afresh.
     shared = DATA / "archives"
     if shared.is_dir():
         shutil.copytree(shared, cache / "archives", copy_function=os.link)
@@ -324,6 +332,11 @@ def vllm_build(engine, tmp_path_factory):
     if not shared.is_dir():
         shutil.copytree(cache / "archives", shared, ignore=shutil.ignore_patterns("git"))
     return {"manifest": manifest, "again": again, "dist": root / "dist" / "cpu-demo", "seconds": seconds, "noop": noop}
+
+
+@pytest.fixture(scope="session")
+def vllm_build(engine, tmp_path_factory):
+    return _demo_build(tmp_path_factory, "vllm")
 
 
 def test_vllm_python_only_wheel_carries_the_patches(vllm_build):
@@ -372,3 +385,43 @@ command = "sleep 60"
         B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
     assert leftovers == []
     assert not (env / "dist" / "pair").exists()
+
+
+def _xpu(stack_toml: str) -> str:
+    """The demo's source and series, built for VLLM_TARGET_DEVICE=xpu: vLLM adds no extension module
+    for that target, so the wheel is pure Python and builds with CPU torch and no oneAPI."""
+    env = 'env = { VLLM_TARGET_DEVICE = "cpu", VLLM_USE_PRECOMPILED = "1", MAX_JOBS = "2" }'
+    command = stack_toml[stack_toml.index("command = '''"):]
+    command = command[:command.index("'''", len("command = '''")) + 3]
+    assert env in stack_toml and "VLLM_PRECOMPILED_WHEEL_LOCATION" in command
+    return (stack_toml.replace(env, 'env = { VLLM_TARGET_DEVICE = "xpu", MAX_JOBS = "2" }')
+            .replace(command, """command = 'python -m pip wheel --no-deps --no-build-isolation -w "$OUT" .'"""))
+
+
+@pytest.fixture(scope="session")
+def vllm_xpu_build(engine, tmp_path_factory):
+    return _demo_build(tmp_path_factory, "vllm-xpu", _xpu)
+
+
+def test_vllm_xpu_wheel_is_pure_python_and_byte_compiles(vllm_xpu_build):
+    manifest, dist = vllm_xpu_build["manifest"], vllm_xpu_build["dist"]
+    [wheel] = manifest["wheels"]
+    [source] = manifest["sources"]
+    assert source["env"]["VLLM_TARGET_DEVICE"] == "xpu" and "VLLM_USE_PRECOMPILED" not in source["env"]
+    assert wheel["name"] == "vllm" and wheel["version"].startswith("0.32.0")
+    with zipfile.ZipFile(dist / wheel["file"]) as zf:
+        names = zf.namelist()
+        basic = zf.read("vllm/entrypoints/serve/instrumentator/basic.py").decode()
+    assert "-cp311-" in wheel["file"]  # tagged for the interpreter, though nothing in it is compiled
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
+    assert 'STACKBUILD_STACK = "cpu-demo"' in basic  # the demo's series is in it
+    [checks] = source["checks"]
+    assert checks["file"] == wheel["file"] and checks["compiled"] == len([n for n in names if n.endswith(".py")])
+    assert checks["compiled"] > 1000
+    assert [i["module"] for i in checks["imports"]] == ["vllm"] and checks["imports"][0]["status"] in ("ok", "skipped")
+    assert vllm_xpu_build["again"]["summary"]["built"] == []
+    print(f"vllm xpu python-only build {vllm_xpu_build['seconds']:.1f} s ({checks['compiled']} modules, "
+          f"import {checks['imports'][0]}), no-op rerun {vllm_xpu_build['noop']:.3f} s")
+    for line in manifest["log_lines"]:
+        if "Successfully installed" in line or "stackbuild:" in line or "Created wheel" in line:
+            print(line[:160])

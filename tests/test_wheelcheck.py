@@ -68,7 +68,7 @@ def test_import_outcomes(tmp_path, init, status, kind):
     wheel(tmp_path / "out", "pkg", {"pkg/__init__.py": init, "pkg/core.py": "answer = 1\n"})
     code, report, _ = run(tmp_path / "out", "compile", "auto")
     [imp] = report["wheels"][0]["imports"]
-    assert (imp["status"], imp["type"]) == (status, kind), imp
+    assert (imp["module"], imp["status"], imp["type"]) == ("pkg", status, kind), imp
     assert code == (W.FAILED if status == "failed" else 0)
     if status == "failed" and kind == "NameError":
         assert imp["where"] == {"file": "pkg/__init__.py", "line": 1}
