@@ -776,6 +776,8 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
     target = (dist_dir or settings.dist_dir) / stack
     digest = stack_digest([r.key for r in done])
     scope = selection.manifest_fields()
+    if variant is not None:
+        scope["variant"] = dict(variant)
     existing = target / "manifest.json"
     if existing.is_file():
         try:
@@ -797,8 +799,6 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
         "sources": [],
         "wheels": [],
     }
-    if variant is not None:
-        manifest["variant"] = dict(variant)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stack}.tmp-", dir=target.parent))
     try:
