@@ -1269,6 +1269,15 @@ def check_models(client: Client, served: str, max_model_len: int) -> CheckResult
                        {"id": served, "max_model_len": got, "expected_max_model_len": max_model_len})
 
 
+def reported_as(got: str, installed: str) -> bool:
+    """Is GOT what vLLM reports for a wheel of version INSTALLED? Its build appends the target
+    device to the wheel's local label only: `0.32.0+cpu` is served as `0.32.0`, and a git source's
+    `0.0.0+gc51df4300572.cpu` (PEP 440 joins local segments with '.') as `0.0.0+gc51df4300572`."""
+    if got in (installed, installed.split("+")[0]):
+        return True
+    return "+" in got and installed.startswith(got + ".")
+
+
 def check_version(client: Client, expected: Mapping[str, str], installed: str | None = None) -> CheckResult:
     """`expected` fields must match exactly; `installed` (the wheel's or distribution's version) may
     differ by its local label: vLLM's build appends `+cpu` to the wheel only, not to what it reports."""
@@ -1282,7 +1291,7 @@ def check_version(client: Client, expected: Mapping[str, str], installed: str | 
         wrong["version"] = None
     elif installed and "version" not in wanted:
         wanted["version"] = installed
-        if got not in (installed, installed.split("+")[0]):
+        if not reported_as(str(got), installed):
             wrong["version"] = got
     detail = ", ".join(f"{k}={data.get(k)!r}" for k in sorted(set(wanted) | {"version"}))
     if installed and got != installed and "version" not in wrong and "version" not in expected:
