@@ -646,6 +646,7 @@ def build_inputs(
     dist_dir: Path | None = None,
     resolve: Callable[[BuildInput], str] = _given_commit,
     selection: Selection = Selection(),
+    variant: Mapping[str, Any] | None = None,
 ) -> dict:
     """Builds (or takes from the cache) every source's wheel, then writes dist/<stack>/ with the
     wheels and manifest.json. Any failure raises before dist/ is touched. Sources the SELECTION
@@ -740,7 +741,7 @@ def build_inputs(
         raise BuildError(f"building {first_name} failed: {first!r}", where=f"source {first_name}") from first
     done = cast("list[SourceResult]", [results[n] for n in order])  # every failure was raised above
     return write_dist(settings, stack, items, recipe, jobs, done, dist_dir=dist_dir, seconds=time.monotonic() - started,
-                      selection=selection)
+                      selection=selection, variant=variant)
 
 
 def _result(settings: Settings, name: str, key: str, cached: bool, meta: dict, eng: engines.Engine,
@@ -779,12 +780,14 @@ def stack_digest(keys: Sequence[str]) -> str:
 
 def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], recipe: Recipe,
                jobs: Mapping[str, _Job], done: Sequence[SourceResult], *, dist_dir: Path | None, seconds: float,
-               selection: Selection = Selection()) -> dict:
+               selection: Selection = Selection(), variant: Mapping[str, Any] | None = None) -> dict:
     """dist/<stack>/ is assembled beside the old one and swapped in last. When the digest and what
     was left out are the ones already there, nothing is rewritten."""
     target = (dist_dir or settings.dist_dir) / stack
     digest = stack_digest([r.key for r in done])
     scope = selection.manifest_fields()
+    if variant is not None:
+        scope["variant"] = dict(variant)
     existing = target / "manifest.json"
     if existing.is_file():
         try:
@@ -897,7 +900,8 @@ def verify(folder: Path) -> dict:
     keys = [s["key"] for s in manifest.get("sources", [])]
     if stack_digest(keys) != manifest.get("digest"):
         raise VerifyError("digest does not match the sources' keys", where=str(path))
-    return {"folder": str(folder), "stack": manifest.get("stack"), "digest": manifest.get("digest"), "wheels": checked}
+    return {"folder": str(folder), "stack": manifest.get("stack"), "digest": manifest.get("digest"), "wheels": checked,
+            "variant": manifest.get("variant")}
 
 
 # ---------------------------------------------------------------- stack entry points
@@ -927,7 +931,8 @@ def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls
     selection = select_only(resolved, specs, only, recipe)
     items, resolve = stack_inputs(settings, cfg, stack_name, specs, skipped=selection.skipped)
     return build_inputs(settings, stack_name, items, built_recipe, specs=specs, engine_urls=engine_urls, force=force,
-                        log=log, resolve=resolve, selection=selection)
+                        log=log, resolve=resolve, selection=selection,
+                        variant=resolved.variant.record() if resolved.variant else None)
 
 
 def _planned_version(settings: Settings, source: Source, spec: SourceBuild) -> tuple[SourceVersion | None, bool]:
@@ -980,7 +985,8 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
             "image": image_tag(built_recipe, base_id), "env": redact(source_env(built_recipe, job.spec)),
             "script": build_script(built_recipe, job.spec, bool(job.spec.needs), version=version, dist=name),
         })
-    return redact_tree({"stack": stack_name, "recipe": built_recipe.name, "dockerfile": str(built_recipe.dockerfile),
+    return redact_tree({"stack": stack_name, "variant": resolved.variant.record() if resolved.variant else None,
+                        "recipe": built_recipe.name, "dockerfile": str(built_recipe.dockerfile),
                         "base": built_recipe.base, "base_id": base_id,
                         "build_args": {"BASE": built_recipe.base, **built_recipe.args},
                         "partial": selection.partial, "skipped": list(selection.skipped), "steps": steps})

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Collection, Mapping
 
 from .errors import ConfigError
+from .variants import Variant, apply_variant, check_stack_variant, parse_variants
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -174,6 +175,7 @@ class Stack:
     extends: str | None = None
     build: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     smoke: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ class ResolvedStack:
     sources: tuple[Source, ...]
     build: Mapping[str, Any]
     smoke: Mapping[str, Any]
+    variant: Variant | None = None   # builder/variants.py: built for another target than the main build
 
     def series_for(self, source: str) -> tuple[Series, ...]:
         return tuple(s for s in self.series if s.source == source)
@@ -207,15 +210,16 @@ class Config:
     smoke: Mapping[str, Any]
     mirrors: Mapping[str, str]
     where: Where = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    variants: Mapping[str, Variant] = field(default_factory=lambda: MappingProxyType({}))
 
     def stack(self, name: str) -> ResolvedStack:
         return resolve_stack(self, name)
 
 
-TOP_KEYS = {"sources", "series", "stacks", "build", "smoke", "mirrors", "stackbuild"}
+TOP_KEYS = {"sources", "series", "stacks", "build", "smoke", "mirrors", "stackbuild", "variants"}
 SOURCE_KEYS = {"url", "commit", "archive", "pypi", "sha256", "submodules", "build"}
 SERIES_KEYS = {"source", "directory", "strip", "patch_dir", "fuzz", "patches"}
-STACK_KEYS = {"series", "sources", "extends", "build", "smoke"}
+STACK_KEYS = {"series", "sources", "extends", "build", "smoke", "variant"}
 PATCH_KEYS = {"url", "sha256", "name", "strip", "file"}
 
 
@@ -370,7 +374,8 @@ def _parse_series(w: Where, root: Path, name: str, raw: Any, sources: Mapping[st
     )
 
 
-def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], sources: Mapping[str, Source]) -> Stack:
+def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], sources: Mapping[str, Source],
+                 variants: Mapping[str, Variant]) -> Stack:
     key = f"stacks.{name}"
     raw = _table(w, key, raw)
     _name(w, key, name)
@@ -402,6 +407,7 @@ def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], so
         extends=extends,
         build=freeze(_table(w, f"{key}.build", raw.get("build", {}))),
         smoke=freeze(_table(w, f"{key}.smoke", raw.get("smoke", {}))),
+        variant=check_stack_variant(w, name, raw.get("variant"), variants),
     )
 
 
@@ -415,7 +421,9 @@ def parse_config(text: str, path: Path) -> Config:
     root = path.parent
     sources = {n: _parse_source(w, n, v) for n, v in _table(w, "sources", data.get("sources", {})).items()}
     series = {n: _parse_series(w, root, n, v, sources) for n, v in _table(w, "series", data.get("series", {})).items()}
-    stacks = {n: _parse_stack(w, n, v, series, sources) for n, v in _table(w, "stacks", data.get("stacks", {})).items()}
+    variants = parse_variants(w, data.get("variants", {}), sources, series)
+    stacks = {n: _parse_stack(w, n, v, series, sources, variants)
+              for n, v in _table(w, "stacks", data.get("stacks", {})).items()}
     mirrors = _table(w, "mirrors", data.get("mirrors", {}))
     for prefix, target in mirrors.items():
         _url(w, f"mirrors.{prefix}", target)
@@ -429,6 +437,7 @@ def parse_config(text: str, path: Path) -> Config:
         smoke=freeze(_table(w, "smoke", data.get("smoke", {}))),
         mirrors=MappingProxyType(dict(mirrors)),
         where=w,
+        variants=MappingProxyType(variants),
     )
     for name in stacks:
         resolve_stack(config, name)  # cycles and unknown parents are config errors, found at load time
@@ -491,6 +500,7 @@ def resolve_stack(config: Config, name: str) -> ResolvedStack:
     smoke: Mapping = {}
     top_build, top_smoke = config.build, config.smoke
     build, smoke = thaw(top_build), thaw(top_smoke)
+    variant: Variant | None = None
     for stack in chain:
         for s in stack.series:
             if s in series_names:
@@ -504,9 +514,15 @@ def resolve_stack(config: Config, name: str) -> ResolvedStack:
         for src in stack.sources:
             if src not in source_names:
                 source_names.append(src)
+        if stack.variant is not None:
+            # The variant's tables replace what the chain merged so far; the stacks from here on
+            # still refine them.
+            variant = config.variants[stack.variant]
+            build = thaw(variant.build) if variant.build is not None else build
+            smoke = thaw(variant.smoke) if variant.smoke is not None else smoke
         build = deep_merge(build, stack.build)
         smoke = deep_merge(smoke, stack.smoke)
-    return ResolvedStack(
+    resolved = ResolvedStack(
         name=name,
         chain=tuple(s.name for s in chain),
         series=tuple(config.series[s] for s in series_names),
@@ -514,3 +530,4 @@ def resolve_stack(config: Config, name: str) -> ResolvedStack:
         build=freeze(build),
         smoke=freeze(smoke),
     )
+    return resolved if variant is None else apply_variant(config, resolved, variant)

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import docker.errors
 import requests.exceptions
@@ -110,7 +110,8 @@ def check_groups(groups: Callable[[], list[int]] = os.getgroups, euid: Callable[
     return Check("gpu groups", OK, "member of render and video", True)
 
 
-def run_checks(recipes: list[Recipe], *, engine_url: str | None, disk_path: Path) -> dict:
+def run_checks(recipes: list[Recipe], *, engine_url: str | None, disk_path: Path, extra: Sequence[Check] = ()) -> dict:
+    """EXTRA: checks the caller made itself (a variant's precompiled ops, builder/opsprobe.py)."""
     checks: list[Check] = []
     engine_check, eng = check_engine(engine_url)
     checks.append(engine_check)
@@ -125,5 +126,6 @@ def run_checks(recipes: list[Recipe], *, engine_url: str | None, disk_path: Path
         if recipe.name == "xpu":
             checks.append(check_render_nodes())
             checks.append(check_groups())
+    checks.extend(extra)
     ok = not any(c.required and c.status == FAIL for c in checks)
     return {"ok": ok, "checks": [asdict(c) for c in checks]}

@@ -491,6 +491,7 @@ class BuildOutput:
     manifest: Path
     digest: str
     wheels: tuple[Wheel, ...]
+    variant: Mapping[str, Any] | None = None   # the target variant the dist was built for (builder/variants.py)
 
 
 def read_build(settings: Settings, stack: str) -> BuildOutput:
@@ -514,6 +515,7 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
             path = manifest.parent / entry["file"]
             wheels.append(Wheel(entry["name"], entry["version"], path, entry["sha256"]))
         digest = str(data["digest"])
+        variant = data.get("variant")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VerifyError(f"unreadable build manifest: {exc!r}", where=str(manifest),
                           hint=f"rebuild with `stackbuild build {stack}`") from None
@@ -525,7 +527,7 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
         if actual != wheel.sha256:
             raise VerifyError(f"wheel {wheel.file.name} has sha256 {actual[:12]}…, the manifest says {wheel.sha256[:12]}…",
                               where=str(manifest), hint=f"rebuild with `stackbuild build {stack}`")
-    return BuildOutput(manifest, digest, tuple(wheels))
+    return BuildOutput(manifest, digest, tuple(wheels), variant)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1268,6 +1270,15 @@ def check_models(client: Client, served: str, max_model_len: int) -> CheckResult
                        {"id": served, "max_model_len": got, "expected_max_model_len": max_model_len})
 
 
+def reported_as(got: str, installed: str) -> bool:
+    """Is GOT what vLLM reports for a wheel of version INSTALLED? Its build appends the target
+    device to the wheel's local label only: `0.32.0+cpu` is served as `0.32.0`, and a git source's
+    `0.0.0+gc51df4300572.cpu` (PEP 440 joins local segments with '.') as `0.0.0+gc51df4300572`."""
+    if got in (installed, installed.split("+")[0]):
+        return True
+    return "+" in got and installed.startswith(got + ".")
+
+
 def check_version(client: Client, expected: Mapping[str, str], installed: str | None = None) -> CheckResult:
     """`expected` fields must match exactly; `installed` (the wheel's or distribution's version) may
     differ by its local label: vLLM's build appends `+cpu` to the wheel only, not to what it reports."""
@@ -1281,7 +1292,7 @@ def check_version(client: Client, expected: Mapping[str, str], installed: str | 
         wrong["version"] = None
     elif installed and "version" not in wanted:
         wanted["version"] = installed
-        if got not in (installed, installed.split("+")[0]):
+        if not reported_as(str(got), installed):
             wrong["version"] = got
     detail = ", ".join(f"{k}={data.get(k)!r}" for k in sorted(set(wanted) | {"version"}))
     if installed and got != installed and "version" not in wrong and "version" not in expected:
@@ -1720,6 +1731,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
             "started": stamp,
             "verdict": verdict,
             "digest": prep.build.digest if prep.build else None,
+            "variant": prep.build.variant if prep.build else None,
             "wheels": [{"name": w.name, "version": w.version, "file": w.file.name, "sha256": w.sha256}
                        for w in (prep.build.wheels if prep.build else ())],
             "requirements": list(sc.requirements),

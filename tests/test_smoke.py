@@ -607,6 +607,17 @@ def test_version_is_compared_with_the_built_wheel(tmp_path, flags, ok):
     assert result.figures["expected"] == {"version": "0.32.0+cpu"}
 
 
+@pytest.mark.parametrize("got, installed, ok", [
+    ("0.0.0+gc51df4300572", "0.0.0+gc51df4300572.cpu", True),   # a git source's version, vLLM's .cpu added
+    ("0.32.0", "0.32.0+cpu", True),
+    ("0.0.0+gc51df430", "0.0.0+gc51df4300572.cpu", False),     # a shorter label is another commit
+    ("0.0.0+gc51df4300572.xpu", "0.0.0+gc51df4300572.cpu", False),
+    ("0.0.0", "0.0.1+g1.cpu", False),
+])
+def test_the_reported_version_may_lack_the_device_label_of_the_wheel(got, installed, ok):
+    assert smoke.reported_as(got, installed) is ok
+
+
 # --- rounds: medians and spread -----------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ def build_cmd(ctx: Context, stack: str, engine_urls: tuple[str, ...], force: boo
 
 def _render_plan(plan: dict) -> None:
     click.echo(f"stack {plan['stack']}: recipe {plan['recipe']} ({plan['dockerfile']}), base {plan['base']}"
-               f" [{plan['base_id'] or 'not on the engine'}]")
+               f" [{plan['base_id'] or 'not on the engine'}]" + variant_line(plan.get("variant")))
     if plan["skipped"]:
         click.echo(f"partial: skipped {', '.join(plan['skipped'])}")
     for step in plan["steps"]:
@@ -63,12 +63,21 @@ def _render_plan(plan: dict) -> None:
             click.echo(f"     {line}")
 
 
+def variant_line(variant: dict | None) -> str:
+    """Says which target a dist was built for and what that target leaves out."""
+    if not variant:
+        return ""
+    skipped = ", ".join(variant.get("skipped") or []) or "nothing"
+    return f" (variant {variant['name']}: skipped {skipped})"
+
+
 def _render_build(manifest: dict) -> None:
     summary = manifest.get("summary", {})
     for wheel in manifest["wheels"]:
         click.echo(f"{wheel['file']}  {wheel['sha256'][:16]}")
     click.echo(f"dist/{manifest['stack']}: built {len(summary.get('built', []))}, "
-               f"cached {len(summary.get('cached', []))}, {summary.get('seconds', 0):.2f} s, digest {manifest['digest'][:16]}")
+               f"cached {len(summary.get('cached', []))}, {summary.get('seconds', 0):.2f} s, digest {manifest['digest'][:16]}"
+               + variant_line(manifest.get("variant")))
     if manifest.get("partial"):
         skipped = ", ".join(f"{s['source']} ({s['reason']})" for s in manifest["skipped"])
         click.echo(f"partial build: skipped {skipped}; verify and smoke refuse it")
@@ -83,7 +92,8 @@ def verify_cmd(ctx: Context, folder: Path) -> None:
     from ..build import verify
 
     result = run(ctx, lambda: verify(folder))
-    emit(ctx, result, lambda r: click.echo(f"ok: {len(r['wheels'])} wheels of {r['stack']} match {r['folder']}/manifest.json"))
+    emit(ctx, result, lambda r: click.echo(f"ok: {len(r['wheels'])} wheels of {r['stack']} match {r['folder']}/manifest.json"
+                                           + variant_line(r.get("variant"))))
 
 
 @main.command("doctor")
@@ -94,11 +104,15 @@ def verify_cmd(ctx: Context, folder: Path) -> None:
 @pass_ctx
 def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine_url: str | None) -> None:
     """Check this host for building STACKS (default: every stack of the stack file): Docker,
-    disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two."""
+    disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two. A variant stack
+    named here whose variant names a precompiled wheel also gets its compiled ops compared with the
+    ones its patched source registers."""
     from ..build import parse_recipe, stack_recipe
     from ..doctor import run_checks
+    from ..opsprobe import check_stack
 
     def go():
+        extra = []
         if recipe:
             recipes, disk = [parse_recipe({"recipe": recipe}, Path.cwd())], ctx.settings().cache_dir
         else:
@@ -106,7 +120,11 @@ def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine
             names = list(stacks) or sorted(cfg.stacks)
             recipes = [stack_recipe(cfg, cfg.stack(n)) for n in names]
             disk = ctx.settings(cfg).cache_dir
-        return run_checks(recipes, engine_url=engine_url, disk_path=disk)
+            # A variant naming its precompiled wheel: are its ops the ones the source calls?
+            # Only for the stacks asked for by name: it syncs and applies the stack in memory.
+            probed = [check_stack(ctx.settings(cfg), cfg, n) for n in stacks]
+            extra = [p[0] for p in probed if p is not None]
+        return run_checks(recipes, engine_url=engine_url, disk_path=disk, extra=extra)
 
     report = run(ctx, go)
     emit(ctx, report, _render_doctor)
