@@ -197,6 +197,8 @@ def _render_vendor(result: vendor_mod.VendorResult) -> None:
     if result.series:
         click.echo(f"vendored {', '.join(result.series)}" + ("; stack.toml now reads the series files"
                                                             if result.stack_file_changed else ""))
+    elif not result.patches and not result.already_local:
+        click.echo("nothing to vendor: every series named already reads local patch files")
 
 
 @main.command("horizon")
