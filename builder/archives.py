@@ -21,7 +21,7 @@ import requests
 from . import httpclient as http
 from .config import PYPI_PIN_RE, Source
 from .errors import SourceError
-from .fsutil import sha256_file
+from .fsutil import atomic_write, locked, sha256_file
 from .git import git
 from .httpclient import pip_setting  # smoke reads the index URL through it too
 from .settings import Settings
@@ -106,9 +106,7 @@ def _pypi_sdist(settings: Settings, source: Source) -> tuple[str, str, str]:
                     where=f"sources.{source.name}.sha256", hint="the release was replaced or the pin is wrong",
                 )
             memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": package.url, "filename": package.filename, "sha256": sha}))
-            os.replace(tmp, memo)
+            atomic_write(memo, json.dumps({"url": package.url, "filename": package.filename, "sha256": sha}).encode())
             return package.url, package.filename, sha
     raise SourceError(f"no sdist of {project} {version} on the index", where=endpoint,
                       hint="check the version; only source releases (sdists) can be patched")
@@ -168,6 +166,15 @@ def import_archive(settings: Settings, source: Source, root: Path | None = None)
     if marker.is_file():
         return git_dir, marker.read_text().strip()
     git_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The repository is filled in place and the marker written last; the lock keeps a second
+    # work dir of the same stack from adding to it meanwhile (it waits, then finds the marker).
+    with locked(git_dir.parent / f".{git_dir.name}.lock", f"the import of {path.name}", wait=True):
+        if marker.is_file():
+            return git_dir, marker.read_text().strip()
+        return _import(path, sha, git_dir, marker)
+
+
+def _import(path: Path, sha: str, git_dir: Path, marker: Path) -> tuple[Path, str]:
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=git_dir.parent))
     try:
         (staging / "tree").mkdir()

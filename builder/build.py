@@ -16,7 +16,6 @@ import re
 import shlex
 import shutil
 import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,11 +26,12 @@ from typing import Any, Callable, Collection, Mapping, Sequence, cast
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
-from . import __version__, engine as engines, versions, wheelcheck
-from .config import Config, ResolvedStack, Source, Where
+from . import __version__, archives, engine as engines, versions, wheelcheck
+from .config import Config, ResolvedStack, Source
+from .schema import Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
                      redact_tree)
-from .fsutil import sha256, sha256_file
+from .fsutil import publishing, sha256, sha256_file
 from .series import stack_patch_digests
 from .sources import has_commit, mirror_path, tree_archive
 from .settings import Settings
@@ -591,30 +591,29 @@ def _load_cached(settings: Settings, key: str) -> dict | None:
     entry = _cache_dir(settings, key) / "entry.json"
     if not entry.is_file():
         return None
-    data = json.loads(entry.read_text())
-    if all((entry.parent / w["file"]).is_file() for w in data["wheels"]):
-        return data
-    return None
+    try:
+        data = json.loads(entry.read_text())
+        complete = all((entry.parent / w["file"]).is_file() for w in data["wheels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged entry is a miss: the build makes it again and publishing replaces it
+    return data if complete else None
 
 
 def _store(settings: Settings, key: str, wheels: list[tuple[str, bytes]], meta: dict) -> dict:
+    """Publishes the entry under its lock: two work dirs building one key write it once, whole."""
     final = _cache_dir(settings, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
-        listed = []
+    listed = []
+    for name, data in sorted(wheels):
+        dist, version = _wheel_meta(name)
+        listed.append({"file": name, "sha256": sha256(data), "name": dist, "version": version})
+    meta = {**meta, "wheels": listed}
+    with publishing(final, f"cache entry {key[:12]}", lambda p: _load_cached(settings, key) is not None) as staging:
+        if staging is None:
+            return _load_cached(settings, key) or meta
         for name, data in sorted(wheels):
-            (tmp / name).write_bytes(data)
-            dist, version = _wheel_meta(name)
-            listed.append({"file": name, "sha256": sha256(data), "name": dist, "version": version})
-        meta = {**meta, "wheels": listed}
-        (tmp / "entry.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return meta
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            (staging / name).write_bytes(data)
+        (staging / "entry.json").write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 def _ensure_image(eng: engines.Engine, recipe: Recipe, base_id: str, log: Log) -> str:
@@ -809,9 +808,9 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
         "sources": [],
         "wheels": [],
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stack}.tmp-", dir=target.parent))
-    try:
+    # Always rebuilt (ready is never true): the publisher's lock, staging and swap are what count.
+    with publishing(target, f"dist/{stack}", lambda _p: False) as tmp:
+        assert tmp is not None
         for result in done:
             item, spec = by_name[result.source], jobs[result.source].spec
             manifest["sources"].append({
@@ -844,15 +843,6 @@ def write_dist(settings: Settings, stack: str, items: Sequence[BuildInput], reci
         # Build args and index URLs may carry `user:token@`: a manifest is meant to be shared.
         manifest = redact_tree(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        old_dir = None
-        if target.exists():
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{stack}.old-", dir=target.parent))
-            os.replace(target, old_dir / stack)
-        os.replace(tmp, target)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     manifest["summary"] = _summary(done, seconds, reused=False, selection=selection)
     return manifest
 
@@ -947,6 +937,16 @@ def _planned_version(settings: Settings, source: Source, spec: SourceBuild) -> t
     return found, found is not None
 
 
+def _planned_base(settings: Settings, source: Source) -> tuple[str, bool]:
+    """(commit, known): the commit a build starts from. For an archive or PyPI source that is the
+    commit its import made, not the pin (a sha256 or a requirement); a plan never downloads, so an
+    archive not yet imported leaves the key unresolved."""
+    if source.kind == "git":
+        return str(source.commit), True
+    commit = archives.imported_commit(settings, source)
+    return (commit, True) if commit else (source.pin, False)
+
+
 def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = (),
                only: Sequence[str] = (), recipe: str | None = None) -> dict:
     """What `build` would do, without building: per source its container script, env, image tag and
@@ -975,13 +975,15 @@ def plan_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls:
         job = jobs[name]
         patches = tuple(PatchInput(d.label, d.sha256, b"", d.strip, d.directory) for d in digests[name])
         version, version_known = _planned_version(settings, job.item.source, job.spec)
-        item = BuildInput(job.item.source, Path(), job.item.source.pin, patches, version=version)
+        base, base_known = _planned_base(settings, job.item.source)
+        item = BuildInput(job.item.source, Path(), base, patches, version=version)
         keys[name] = cache_key(item, job.spec, built_recipe, base_id, [keys[n] for n in job.spec.needs])
         steps.append({
             "source": name, "pin": item.source.pin, "location": item.source.location,
             "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
             "version": version.to_json() if version else None,
-            "needs": list(job.spec.needs), "key": keys[name], "key_resolved": base_id is not None and version_known,
+            "needs": list(job.spec.needs), "key": keys[name],
+            "key_resolved": base_id is not None and version_known and base_known,
             "image": image_tag(built_recipe, base_id), "env": redact(source_env(built_recipe, job.spec)),
             "script": build_script(built_recipe, job.spec, bool(job.spec.needs), version=version, dist=name),
         })

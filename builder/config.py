@@ -15,12 +15,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Collection, Mapping
 
+from . import schema
 from .errors import ConfigError
+from .schema import Where
 from .variants import Precompiled, Variant, apply_variant
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PYPI_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
 DEFAULT_STACK_FILE = "stack.toml"
 
@@ -52,61 +53,6 @@ def deep_merge(base: Mapping, over: Mapping) -> dict:
         else:
             out[key] = thaw(value)
     return out
-
-
-@dataclass(frozen=True)
-class Where:
-    """Points an error at a key of a TOML file, with the line it is on when it can be found."""
-
-    path: Path
-    text: str = field(repr=False, compare=False, default="")
-
-    def line_of(self, dotted: str) -> int | None:
-        parts = dotted.split(".")
-        # Longest table prefix with a header of its own, then the first remaining key in it.
-        for cut in range(len(parts), 0, -1):
-            table, rest = parts[:cut], parts[cut:]
-            line = _find_header(self.text, table)
-            if line is None:
-                continue
-            if not rest:
-                return line
-            found = _find_key(self.text, line, rest[0])
-            return found or line
-        return _find_key(self.text, 0, parts[0]) if parts else None
-
-    def at(self, dotted: str) -> str:
-        line = self.line_of(dotted)
-        loc = f"{self.path}:{line}" if line else str(self.path)
-        return f"{loc} ({dotted})"
-
-    def error(self, dotted: str, message: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(message, where=self.at(dotted), hint=hint)
-
-
-def _header_names(table: list[str]) -> set[str]:
-    quoted = ".".join(f'"{p}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", p) else p for p in table)
-    return {".".join(table), quoted}
-
-
-def _find_header(text: str, table: list[str]) -> int | None:
-    names = _header_names(table)
-    for number, line in enumerate(text.splitlines(), 1):
-        m = re.match(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?", line)
-        if m and re.sub(r"\s*\.\s*", ".", m.group(1)) in names:
-            return number
-    return None
-
-
-def _find_key(text: str, after: int, key: str) -> int | None:
-    lines = text.splitlines()
-    for number in range(after + 1, len(lines) + 1):
-        line = lines[number - 1]
-        if number > after + 1 and re.match(r"^\s*\[", line):
-            return None
-        if re.match(rf'^\s*"?{re.escape(key)}"?\s*=', line):
-            return number
-    return None
 
 
 @dataclass(frozen=True)
@@ -223,61 +169,6 @@ STACK_KEYS = {"series", "sources", "extends", "build", "smoke", "variant"}
 PATCH_KEYS = {"url", "sha256", "name", "strip", "file"}
 
 
-def _check_keys(w: Where, prefix: str, table: Mapping, allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            raise w.error(
-                f"{prefix}.{key}",
-                f"unknown key '{key}' in [{prefix}]",
-                hint=f"allowed keys: {', '.join(sorted(allowed))}",
-            )
-
-
-def _table(w: Where, key: str, value: Any) -> Mapping:
-    if not isinstance(value, dict):
-        raise w.error(key, f"'{key}' must be a table, not {type(value).__name__}")
-    return value
-
-
-def _str(w: Where, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise w.error(key, f"'{key}' must be a non-empty string")
-    return value
-
-
-def looks_like_option(value: str) -> bool:
-    """git's own test (submodule-config.c): a URL or path starting with '-' would reach git as an option."""
-    return value.startswith("-")
-
-
-def _url(w: Where, key: str, value: Any) -> str:
-    url = _str(w, key, value)
-    if looks_like_option(url):
-        raise w.error(key, f"'{url}' starts with '-' and would be read as a git option",
-                      hint="give a URL (https://…, ssh://…) or a path; write ./-name for a folder named like an option")
-    return url
-
-
-def _int(w: Where, key: str, value: Any, low: int = 0, high: int = 100) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise w.error(key, f"'{key}' must be an integer from {low} to {high}, not {value!r}")
-    return value
-
-
-def _name(w: Where, key: str, name: str) -> str:
-    if not NAME_RE.match(name):
-        raise w.error(key, f"'{name}' is not a valid name", hint="use letters, digits, '.', '_' and '-'")
-    return name
-
-
-def _safe_relative(w: Where, key: str, value: str) -> str:
-    parts = Path(value).parts
-    if value.startswith("/") or ".." in parts:
-        raise w.error(key, f"'{value}' must be a relative path inside the tree", hint="remove '..' and leading '/'")
-    return value.strip("/")
-
-
-
 # builder/variants.py holds the model; its tables are parsed here, with the validators every other
 # table uses (one configuration layer, and no import back from variants into config).
 VARIANT_KEYS = {"description", "skip", "series", "build", "smoke", "sources", "precompiled"}
@@ -298,11 +189,11 @@ def _variant_names(w: Where, key: str, value: Any, known: Mapping[str, Any], wha
 
 def parse_variants(w: Where, raw: Any, sources: Mapping[str, Source], series: Mapping[str, Any]) -> dict[str, Variant]:
     out: dict[str, Variant] = {}
-    for name, table in _table(w, "variants", raw).items():
+    for name, table in schema.table(w, "variants", raw).items():
         key = f"variants.{name}"
-        table = _table(w, key, table)
-        _name(w, key, name)
-        _check_keys(w, key, table, VARIANT_KEYS)
+        table = schema.table(w, key, table)
+        schema.name(w, key, name)
+        schema.check_keys(w, key, table, VARIANT_KEYS)
         description = table.get("description", "")
         if not isinstance(description, str):
             raise w.error(f"{key}.description", "'description' must be a string")
@@ -311,29 +202,29 @@ def parse_variants(w: Where, raw: Any, sources: Mapping[str, Source], series: Ma
         for s in added:
             if series[s].source in skip:
                 raise w.error(f"{key}.series", f"series '{s}' patches '{series[s].source}', which the variant skips")
-        overrides = _table(w, f"{key}.sources", table.get("sources", {}))
+        overrides = schema.table(w, f"{key}.sources", table.get("sources", {}))
         for src, build in overrides.items():
             if src not in sources:
                 raise w.error(f"{key}.sources.{src}", f"variant '{name}' overrides the build of unknown source '{src}'",
                               hint=f"sources: {', '.join(sorted(sources))}")
             if src in skip:
                 raise w.error(f"{key}.sources.{src}", f"variant '{name}' both skips and builds source '{src}'")
-            _table(w, f"{key}.sources.{src}", build)
+            schema.table(w, f"{key}.sources.{src}", build)
         precompiled = (_parse_precompiled(w, f"{key}.precompiled", table["precompiled"], sources, skip)
                        if "precompiled" in table else None)
         out[name] = Variant(
             name=name, description=description, skip=skip, series=added, precompiled=precompiled,
-            build=freeze(_table(w, f"{key}.build", table["build"])) if "build" in table else None,
-            smoke=freeze(_table(w, f"{key}.smoke", table["smoke"])) if "smoke" in table else None,
+            build=freeze(schema.table(w, f"{key}.build", table["build"])) if "build" in table else None,
+            smoke=freeze(schema.table(w, f"{key}.smoke", table["smoke"])) if "smoke" in table else None,
             sources=MappingProxyType({k: freeze(v) for k, v in overrides.items()}),
         )
     return out
 
 
 def _parse_precompiled(w: Where, key: str, raw: Any, sources: Mapping[str, Source], skip: tuple[str, ...]) -> Precompiled:
-    raw = _table(w, key, raw)
-    _check_keys(w, key, raw, PRECOMPILED_KEYS)
-    source = _str(w, f"{key}.source", raw.get("source"))
+    raw = schema.table(w, key, raw)
+    schema.check_keys(w, key, raw, PRECOMPILED_KEYS)
+    source = schema.string(w, f"{key}.source", raw.get("source"))
     if source not in sources or source in skip:
         raise w.error(f"{key}.source", f"'{key}.source' must name a source the variant builds, not {source!r}")
     bindings = raw.get("bindings")
@@ -343,12 +234,12 @@ def _parse_precompiled(w: Where, key: str, raw: Any, sources: Mapping[str, Sourc
     accept = raw.get("accept", [])
     if not isinstance(accept, list) or not all(isinstance(a, str) for a in accept):
         raise w.error(f"{key}.accept", f"'{key}.accept' must be a list of op names")
-    wheel = _str(w, f"{key}.wheel", raw.get("wheel"))
+    wheel = schema.string(w, f"{key}.wheel", raw.get("wheel"))
     if "/" in wheel:
         raise w.error(f"{key}.wheel", f"'{key}.wheel' is a file name pattern in the wheelhouse, not a path")
     return Precompiled(source=source, wheel=wheel,
-                       library=_safe_relative(w, f"{key}.library", _str(w, f"{key}.library", raw.get("library"))),
-                       bindings=tuple(_safe_relative(w, f"{key}.bindings", b) for b in bindings), accept=tuple(accept))
+                       library=schema.safe_relative(w, f"{key}.library", schema.string(w, f"{key}.library", raw.get("library"))),
+                       bindings=tuple(schema.safe_relative(w, f"{key}.bindings", b) for b in bindings), accept=tuple(accept))
 
 
 def check_stack_variant(w: Where, stack_name: str, variant: Any, variants: Mapping[str, Variant]) -> str | None:
@@ -363,9 +254,9 @@ def check_stack_variant(w: Where, stack_name: str, variant: Any, variants: Mappi
 
 def _parse_source(w: Where, name: str, raw: Any) -> Source:
     key = f"sources.{name}"
-    raw = _table(w, key, raw)
-    _name(w, key, name)
-    _check_keys(w, key, raw, SOURCE_KEYS)
+    raw = schema.table(w, key, raw)
+    schema.name(w, key, name)
+    schema.check_keys(w, key, raw, SOURCE_KEYS)
     kinds = [k for k in ("commit", "archive", "pypi") if k in raw]
     if len(kinds) != 1:
         raise w.error(
@@ -374,7 +265,7 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
             + (f", not {' and '.join(kinds)}" if kinds else ""),
             hint='e.g. url = "https://…/repo.git" and commit = "<40-hex sha>"',
         )
-    build = freeze(_table(w, f"{key}.build", raw.get("build", {})))
+    build = freeze(schema.table(w, f"{key}.build", raw.get("build", {})))
     submodules = raw.get("submodules", False)
     if not isinstance(submodules, bool):
         raise w.error(f"{key}.submodules", "'submodules' must be true or false")
@@ -382,7 +273,7 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
     if sha256 is not None and not (isinstance(sha256, str) and SHA256_RE.match(sha256)):
         raise w.error(f"{key}.sha256", f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
     if kinds[0] == "commit":
-        url = _url(w, f"{key}.url", raw.get("url"))
+        url = schema.url(w, f"{key}.url", raw.get("url"))
         commit = raw["commit"]
         if not isinstance(commit, str) or not SHA_RE.match(commit):
             raise w.error(
@@ -396,11 +287,11 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
     if "url" in raw:
         raise w.error(f"{key}.url", f"'url' is for git sources; an {kinds[0]} source names its file in '{kinds[0]}'")
     if kinds[0] == "archive":
-        archive = _url(w, f"{key}.archive", raw["archive"])
+        archive = schema.url(w, f"{key}.archive", raw["archive"])
         if sha256 is None:
             raise w.error(f"{key}.sha256", "an archive source needs 'sha256' of the archive file", hint="sha256sum FILE")
         return Source(name, "archive", archive=archive, sha256=sha256, submodules=False, build=build)
-    pypi = _str(w, f"{key}.pypi", raw["pypi"])
+    pypi = schema.string(w, f"{key}.pypi", raw["pypi"])
     if not PYPI_PIN_RE.match(pypi):
         raise w.error(f"{key}.pypi", f"'{pypi}' must pin one exact release", hint='e.g. pypi = "vllm==0.32.0"')
     return Source(name, "pypi", pypi=pypi, sha256=sha256, build=build)
@@ -408,12 +299,12 @@ def _parse_source(w: Where, name: str, raw: Any) -> Source:
 
 def _parse_patch_ref(w: Where, key: str, raw: Any) -> PatchRef:
     if isinstance(raw, str):
-        return PatchRef(name=_safe_relative(w, key, raw), where=w.at(key))
-    raw = _table(w, key, raw)
-    _check_keys(w, key, raw, PATCH_KEYS)
-    strip = _int(w, f"{key}.strip", raw["strip"], 0, 20) if "strip" in raw else None
+        return PatchRef(name=schema.safe_relative(w, key, raw), where=w.at(key))
+    raw = schema.table(w, key, raw)
+    schema.check_keys(w, key, raw, PATCH_KEYS)
+    strip = schema.integer(w, f"{key}.strip", raw["strip"], 0, 20) if "strip" in raw else None
     if "url" in raw:
-        url = _url(w, f"{key}.url", raw["url"])
+        url = schema.url(w, f"{key}.url", raw["url"])
         sha = raw.get("sha256")
         if not isinstance(sha, str) or not SHA256_RE.match(sha):
             raise w.error(
@@ -422,25 +313,25 @@ def _parse_patch_ref(w: Where, key: str, raw: Any) -> PatchRef:
                 hint="fetch it once and run sha256sum on the decoded patch",
             )
         name = raw.get("name") or url.rstrip("/").rsplit("/", 1)[-1]
-        return PatchRef(name=_safe_relative(w, f"{key}.name", name), strip=strip, url=url, sha256=sha, where=w.at(key))
+        return PatchRef(name=schema.safe_relative(w, f"{key}.name", name), strip=strip, url=url, sha256=sha, where=w.at(key))
     if "file" not in raw:
         raise w.error(key, "a patch entry needs 'file' (local) or 'url' and 'sha256' (remote)")
-    return PatchRef(name=_safe_relative(w, f"{key}.file", _str(w, f"{key}.file", raw["file"])), strip=strip, where=w.at(key))
+    return PatchRef(name=schema.safe_relative(w, f"{key}.file", schema.string(w, f"{key}.file", raw["file"])), strip=strip, where=w.at(key))
 
 
 def _parse_series(w: Where, root: Path, name: str, raw: Any, sources: Mapping[str, Source]) -> Series:
     key = f"series.{name}"
-    raw = _table(w, key, raw)
-    _name(w, key, name)
-    _check_keys(w, key, raw, SERIES_KEYS)
-    source = _str(w, f"{key}.source", raw.get("source"))
+    raw = schema.table(w, key, raw)
+    schema.name(w, key, name)
+    schema.check_keys(w, key, raw, SERIES_KEYS)
+    source = schema.string(w, f"{key}.source", raw.get("source"))
     if source not in sources:
         raise w.error(
             f"{key}.source", f"series '{name}' names unknown source '{source}'",
             hint=f"define [sources.{source}] or use one of: {', '.join(sorted(sources)) or 'none defined'}",
         )
-    directory = _safe_relative(w, f"{key}.directory", raw["directory"]) if raw.get("directory") else ""
-    patch_dir = root / _safe_relative(w, f"{key}.patch_dir", raw.get("patch_dir", f"patches/{name}"))
+    directory = schema.safe_relative(w, f"{key}.directory", raw["directory"]) if raw.get("directory") else ""
+    patch_dir = root / schema.safe_relative(w, f"{key}.patch_dir", raw.get("patch_dir", f"patches/{name}"))
     inline = None
     if "patches" in raw:
         items = raw["patches"]
@@ -452,8 +343,8 @@ def _parse_series(w: Where, root: Path, name: str, raw: Any, sources: Mapping[st
         source=source,
         patch_dir=patch_dir,
         directory=directory,
-        strip=_int(w, f"{key}.strip", raw.get("strip", 1), 0, 20),
-        fuzz=_int(w, f"{key}.fuzz", raw.get("fuzz", 0), 0, 3),
+        strip=schema.integer(w, f"{key}.strip", raw.get("strip", 1), 0, 20),
+        fuzz=schema.integer(w, f"{key}.fuzz", raw.get("fuzz", 0), 0, 3),
         inline=inline,
     )
 
@@ -461,9 +352,9 @@ def _parse_series(w: Where, root: Path, name: str, raw: Any, sources: Mapping[st
 def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], sources: Mapping[str, Source],
                  variants: Mapping[str, Variant]) -> Stack:
     key = f"stacks.{name}"
-    raw = _table(w, key, raw)
-    _name(w, key, name)
-    _check_keys(w, key, raw, STACK_KEYS)
+    raw = schema.table(w, key, raw)
+    schema.name(w, key, name)
+    schema.check_keys(w, key, raw, STACK_KEYS)
     names = raw.get("series", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise w.error(f"{key}.series", "'series' must be a list of series names")
@@ -483,14 +374,14 @@ def _parse_stack(w: Where, name: str, raw: Any, series: Mapping[str, Series], so
             raise w.error(f"{key}.sources", f"stack '{name}' names unknown source '{n}'")
     extends = raw.get("extends")
     if extends is not None:
-        _str(w, f"{key}.extends", extends)
+        schema.string(w, f"{key}.extends", extends)
     return Stack(
         name=name,
         series=tuple(names),
         sources=tuple(extra),
         extends=extends,
-        build=freeze(_table(w, f"{key}.build", raw.get("build", {}))),
-        smoke=freeze(_table(w, f"{key}.smoke", raw.get("smoke", {}))),
+        build=freeze(schema.table(w, f"{key}.build", raw.get("build", {}))),
+        smoke=freeze(schema.table(w, f"{key}.smoke", raw.get("smoke", {}))),
         variant=check_stack_variant(w, name, raw.get("variant"), variants),
     )
 
@@ -501,24 +392,24 @@ def parse_config(text: str, path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", where=str(path), hint="fix the syntax at the line named") from None
-    _check_keys(w, "(top level)", data, TOP_KEYS)
+    schema.check_keys(w, "(top level)", data, TOP_KEYS)
     root = path.parent
-    sources = {n: _parse_source(w, n, v) for n, v in _table(w, "sources", data.get("sources", {})).items()}
-    series = {n: _parse_series(w, root, n, v, sources) for n, v in _table(w, "series", data.get("series", {})).items()}
+    sources = {n: _parse_source(w, n, v) for n, v in schema.table(w, "sources", data.get("sources", {})).items()}
+    series = {n: _parse_series(w, root, n, v, sources) for n, v in schema.table(w, "series", data.get("series", {})).items()}
     variants = parse_variants(w, data.get("variants", {}), sources, series)
     stacks = {n: _parse_stack(w, n, v, series, sources, variants)
-              for n, v in _table(w, "stacks", data.get("stacks", {})).items()}
-    mirrors = _table(w, "mirrors", data.get("mirrors", {}))
+              for n, v in schema.table(w, "stacks", data.get("stacks", {})).items()}
+    mirrors = schema.table(w, "mirrors", data.get("mirrors", {}))
     for prefix, target in mirrors.items():
-        _url(w, f"mirrors.{prefix}", target)
+        schema.url(w, f"mirrors.{prefix}", target)
     config = Config(
         path=path,
         root=root,
         sources=MappingProxyType(sources),
         series=MappingProxyType(series),
         stacks=MappingProxyType(stacks),
-        build=freeze(_table(w, "build", data.get("build", {}))),
-        smoke=freeze(_table(w, "smoke", data.get("smoke", {}))),
+        build=freeze(schema.table(w, "build", data.get("build", {}))),
+        smoke=freeze(schema.table(w, "smoke", data.get("smoke", {}))),
         mirrors=MappingProxyType(dict(mirrors)),
         where=w,
         variants=MappingProxyType(variants),

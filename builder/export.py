@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,8 +20,8 @@ import tomlkit
 
 from . import sources
 from .config import Config, ResolvedStack
-from .errors import ExportError, os_error
-from .fsutil import mode_for
+from .errors import ExportError
+from .fsutil import commit_files
 from .git import TRAILER, git, out
 from .patches import Patch, encode, encoding_of
 from .replay import replay
@@ -112,39 +111,6 @@ def plain_name(name: str) -> str:
     enc = encoding_of(name)
     base = name[: -len(enc) - 1] if enc else name
     return base if base.endswith((".patch", ".diff")) else base + ".patch"
-
-
-# ---------------------------------------------------------------------------------------------
-# files written together: everything to temporaries first, renames last
-
-
-def commit_files(writes: Mapping[Path, bytes | None]) -> None:
-    """Writes (bytes) and deletions (None) as close to all-or-nothing as a file system allows."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in writes.items():
-            if data is None:
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            mode = mode_for(path)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
-    except BaseException as exc:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise os_error(exc, path, f"write {path.name}") from None
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-    for path, data in writes.items():
-        if data is None:
-            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

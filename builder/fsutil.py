@@ -7,11 +7,12 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 from .errors import LockError, os_error
 
@@ -36,6 +37,39 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None, durable: b
     DURABLE=False skips the fsync, for records that need to outlive a killed process but not a
     power cut (the kernel's page cache survives the one, not the other).
     """
+    tmp = _stage(path, data, mode, durable)
+    try:
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise os_error(exc, path, f"write {path.name}") from None
+        raise
+
+
+def commit_files(writes: Mapping[Path, bytes | None]) -> None:
+    """Writes (bytes) and deletions (None) as close to all-or-nothing as a file system allows:
+    every new content is staged and synced beside its target first, the renames come last, so a
+    failure while staging changes nothing and a kill during the renames leaves whole files only."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in writes.items():
+            if data is not None:
+                staged.append((_stage(path, data, None, True), path))
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for path, data in writes.items():
+        if data is None:
+            path.unlink(missing_ok=True)
+
+
+def _stage(path: Path, data: bytes, mode: int | None, durable: bool) -> str:
+    """DATA in a temporary file beside PATH with the mode PATH has (or a new file would get)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +82,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None, durable: b
             if durable:
                 os.fsync(handle.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        return tmp
     except BaseException as exc:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -74,8 +108,10 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def locked(path: Path, what: str) -> Iterator[None]:
-    """An exclusive, non-blocking lock; the holder's PID is in the file to tell the user who it is.
+def locked(path: Path, what: str, *, wait: bool = False) -> Iterator[None]:
+    """An exclusive lock; the holder's PID is in the file to tell the user who it is. Without
+    WAIT a held lock is an error naming its holder; with it we queue behind the holder (for
+    cache entries, where the other process is making what we want).
 
     Opened without following a symlink and never truncated before it is ours: a link planted at
     the lock path must not make us overwrite its target. The file (and the folder, when the lock
@@ -84,7 +120,7 @@ def locked(path: Path, what: str) -> Iterator[None]:
     made = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _open_lock(path, what)
+        fd = _open_lock(path, what, wait)
     except OSError as exc:
         raise os_error(exc, path, f"lock {what}") from None
     try:
@@ -100,7 +136,7 @@ def locked(path: Path, what: str) -> Iterator[None]:
                 os.rmdir(path.parent)
 
 
-def _open_lock(path: Path, what: str) -> int:
+def _open_lock(path: Path, what: str, wait: bool) -> int:
     """The locked descriptor of PATH. Retried when the file was removed between our open and our
     lock (its holder finished): a lock on an unlinked file would lock nothing."""
     while True:
@@ -116,7 +152,7 @@ def _open_lock(path: Path, what: str) -> int:
                 raise LockError(f"the lock of {what} is not a regular file", where=str(path),
                                 hint="remove it; stackbuild creates its own lock file")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
@@ -136,6 +172,46 @@ def _open_lock(path: Path, what: str) -> int:
         if same:
             return fd
         os.close(fd)
+
+
+@contextlib.contextmanager
+def publishing(final: Path, what: str, ready: Callable[[Path], bool]) -> Iterator[Path | None]:
+    """A shared cache entry (a folder) made once, whole, by one process at a time.
+
+    Yields None when READY(FINAL) already holds: nothing to do. Otherwise yields an empty staging
+    folder beside FINAL; when the block ends without an error the staging folder replaces FINAL in
+    one rename (an incomplete FINAL a killed run left is moved aside and removed first). An error
+    or a kill leaves FINAL as it was and only a hidden `.stage-*` folder behind, which the next
+    publisher of the same entry removes. A lock beside FINAL makes a second process wait for the
+    first and then find the entry made; READY is checked again under the lock for that reason.
+    """
+    if ready(final):
+        yield None
+        return
+    parent = final.parent
+    with locked(parent / f".{final.name}.lock", what, wait=True):
+        if ready(final):
+            yield None
+            return
+        for stale in parent.glob(f".{final.name}.stage-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.stage-", dir=parent))
+        except OSError as exc:
+            raise os_error(exc, parent, f"stage {what}") from None
+        try:
+            yield staging
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared cache from its group
+            if final.exists() or final.is_symlink():
+                aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.stage-", dir=parent))
+                os.replace(final, aside / "old")
+            os.replace(staging, final)
+        except OSError as exc:
+            raise os_error(exc, final, f"publish {what}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            for stale in parent.glob(f".{final.name}.stage-*"):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 _shielded = False

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from . import rebase as rb
-from .config import NAME_RE, Config
+from .config import Config
+from .schema import NAME_RE
 from .errors import RebaseError
 from .fsutil import atomic_write
 from .settings import Settings

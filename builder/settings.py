@@ -13,7 +13,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from .config import Config, looks_like_option
+from .config import Config
+from .schema import looks_like_option
 from .errors import ConfigError
 
 MIRRORS_ENV = "STACKBUILD_MIRRORS"

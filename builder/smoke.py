@@ -34,7 +34,7 @@ from . import results as results_mod
 from . import tinymodel
 from .config import Config, ResolvedStack, deep_merge, thaw
 from .errors import ConfigError, SmokeError, StackbuildError, VerifyError
-from .fsutil import locked, sha256_file
+from .fsutil import locked, publishing, sha256_file
 from .settings import Settings
 
 RUNTIMES = ("venv", "host", "container")
@@ -1601,14 +1601,10 @@ def _ensure_tiny(settings: Settings, sc: SmokeConfig, python: str, image: str | 
     if image is None:
         return tinymodel.ensure(settings.cache_dir, python)
     target = tinymodel.model_dir(settings.cache_dir)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
-        run_in_image(image, [CONTAINER_PYTHON, f"{CONTAINER_ROOT}/tinymodel.py", "/out"],
-                     {staging: {"bind": "/out", "mode": "rw"}}, f"generating {tinymodel.TINY}")
-        os.chmod(staging, 0o755)
-        Path(staging).rename(target)
+    with publishing(target, tinymodel.TINY, tinymodel.is_made) as staging:
+        if staging is not None:
+            run_in_image(image, [CONTAINER_PYTHON, f"{CONTAINER_ROOT}/tinymodel.py", "/out"],
+                         {str(staging): {"bind": "/out", "mode": "rw"}}, f"generating {tinymodel.TINY}")
     return target
 
 

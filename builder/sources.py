@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import import_archive, imported_commit
-from .config import SHA_RE, Config, ResolvedStack, Source, looks_like_option
+from .config import SHA_RE, Config, ResolvedStack, Source
+from .schema import looks_like_option
 from .errors import RebaseError, SourceError, redact_credentials
 from .fsutil import atomic_write, locked
 from .git import ALLOWED_PROTOCOLS, git, out

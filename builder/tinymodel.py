@@ -13,10 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -75,28 +73,25 @@ def ensure(cache_dir: Path, python: str, log: Path | None = None) -> Path:
     # Absolute import: this file also runs as a plain script where the package is absent.
     from builder.errors import SmokeError
 
+    from builder.fsutil import publishing
+
     final = model_dir(cache_dir)
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        proc = subprocess.run([python, str(Path(__file__).resolve()), str(staging)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-        if log is not None:
-            log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
-        if proc.returncode != 0:
-            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
-            raise SmokeError(f"generating {TINY} with {python} failed: {tail}", where=str(log or python),
-                             hint="the serving environment needs torch, transformers, tokenizers and safetensors")
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with publishing(final, TINY, is_made) as staging:
+        if staging is not None:
+            proc = subprocess.run([python, str(Path(__file__).resolve()), str(staging)],
+                                  capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+            if log is not None:
+                log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+            if proc.returncode != 0:
+                tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+                raise SmokeError(f"generating {TINY} with {python} failed: {tail}", where=str(log or python),
+                                 hint="the serving environment needs torch, transformers, tokenizers and safetensors")
     return final
+
+
+def is_made(folder: Path) -> bool:
+    """The folder is published whole (fsutil.publishing): a config.json in it means a finished model."""
+    return (folder / "config.json").is_file()
 
 
 def generate(out: Path) -> None:

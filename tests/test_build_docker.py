@@ -191,9 +191,19 @@ def test_build_cache_hit_and_verify(engine, env):
     assert sorted(forced["summary"]["built"]) == ["alpha", "beta"]
 
 
+def plan(stack_file: Path, stack: str = "pair") -> dict[str, tuple[str, bool]]:
+    cfg = load_config(stack_file)
+    steps = B.plan_stack(load_settings(cfg), cfg, stack)["steps"]
+    return {s["source"]: (s["key"], s["key_resolved"]) for s in steps}
+
+
 def test_one_patch_rebuilds_one_wheel(engine, env):
     stack_file = write_project(env / "p")
+    # Archive sources build from the commit their import makes: before the import a plan cannot
+    # know it and says so, after it the plan's keys are the build's (they once used the sha256).
+    assert {name: resolved for name, (_key, resolved) in plan(stack_file).items()} == {"alpha": False, "beta": False}
     first = build(stack_file)
+    assert plan(stack_file) == {s["name"]: (s["key"], True) for s in first["sources"]}
     keys = {s["name"]: s["key"] for s in first["sources"]}
     (env / "p" / "patches" / "alpha" / "answer.patch").write_text(value_patch("alpha", 1, 9))
     second = build(stack_file)
@@ -201,6 +211,7 @@ def test_one_patch_rebuilds_one_wheel(engine, env):
     assert second["summary"]["cached"] == ["beta"]
     new_keys = {s["name"]: s["key"] for s in second["sources"]}
     assert new_keys["beta"] == keys["beta"] and new_keys["alpha"] != keys["alpha"]
+    assert plan(stack_file) == {name: (key, True) for name, key in new_keys.items()}
     dist = env / "dist" / "pair"
     assert run_wheel(engine, dist / "alpha-1.0-cp311-cp311-linux_x86_64.whl", "alpha") == "9"
 

@@ -152,15 +152,6 @@ def test_series_file_edit_keeps_comments_and_options():
     assert out == "# top\n0001-a.patch -p1\n# mid\n0003-c.patch\n0004-d.patch\n"
 
 
-def test_commit_files_writes_and_deletes(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "d" / "b"
-    a.write_text("old")
-    ex.commit_files({a: None, b: b"new"})
-    assert not a.exists() and b.read_bytes() == b"new"
-    assert [p.name for p in tmp_path.rglob("*.tmp")] == []
-    assert os.listdir(tmp_path / "d") == ["b"]
-
-
 def test_inline_series_in_stack_toml_is_edited_with_its_comments(tmp_path):
     p, items = project(tmp_path)
     text = p.stack_file.read_text().replace(

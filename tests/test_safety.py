@@ -277,7 +277,7 @@ def test_export_keeps_file_modes(tmp_path: Path, upstream: Upstream, pinned: str
 
 
 def test_rewritten_files_keep_their_mode(tmp_path: Path, umask_022):
-    from builder.export import commit_files
+    from builder.fsutil import commit_files
     from builder.fsutil import atomic_write
 
     kept, fresh, other = tmp_path / "stack.toml", tmp_path / "new.patch", tmp_path / "state.json"
