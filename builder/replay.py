@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Sequence
 
 from .errors import ApplyError, PatchError
 from .git import EMAIL, EPOCH, IDENTITY, TRAILER, CatFile, fast_import, git, out
-from .patches import FileDiff, Patch, invalid_path, split_lf
+from .gitnames import invalid_path
+from .patches import FileDiff, Patch, split_lf
 from .hunks import FailedHunk, FileState, Overlap, apply_hunks, reverse_diff
 
 CLEAN, OFFSET, FUZZ, THREEWAY, ALREADY, CONFLICT = "clean", "offset", "fuzz", "3way", "already-applied", "conflict"
