@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shlex
 import shutil
@@ -28,10 +27,10 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from . import __version__, archives, engine as engines, versions, wheelcheck
 from .config import Config, ResolvedStack, Source
-from .schema import Where
 from .errors import (REDACTED, BuildError, ConfigError, EngineError, StackbuildError, VerifyError, redact_credentials,
                      redact_tree)
 from .fsutil import publishing, sha256, sha256_file
+from .recipes import Recipe, SourceBuild, parse_source_build, stack_recipe
 from .series import stack_patch_digests
 from .sources import has_commit, mirror_path, tree_archive
 from .settings import Settings
@@ -42,203 +41,10 @@ KEY_VERSION = "stackbuild-build-2"
 INSIDE = "/sb"
 SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|AUTH", re.I)
 TAIL_LINES = 25
-BUILD_KEYS = {"recipe", "base", "args", "env", "wheelhouse", "ca_bundle", "index_url", "extra_index_urls",
-              "caches", "memory_gb", "disk_gb", "engines", "timeout"}
-SOURCE_BUILD_KEYS = {"command", "env", "requires", "needs", "directory", "skip", "version", "compile_check",
-                     "import_check"}
-IMPORT_MODES = ("auto", "strict", "off")
 CHECKER = Path(wheelcheck.__file__)
-DEFAULT_COMMAND = 'python -m pip wheel --no-deps --use-pep517 -w "$OUT" .'
-CONTAINERS = Path(__file__).resolve().parent.parent / "containers"
-
-Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """The [build] table of a stack, resolved: what image, which host inputs, which engines."""
-
-    name: str
-    dockerfile: Path
-    base: str
-    args: Mapping[str, str]
-    env: Mapping[str, str]
-    wheelhouse: Path | None
-    ca_bundle: Path | None
-    index_url: str | None
-    extra_index_urls: tuple[str, ...]
-    caches: Mapping[str, Path]
-    memory_gb: float
-    disk_gb: float
-    engines: tuple[str, ...]
-    timeout: int
-
-    @property
-    def dockerfile_bytes(self) -> bytes:
-        return self.dockerfile.read_bytes()
-
-
-@dataclass(frozen=True)
-class SourceBuild:
-    """How one source becomes a wheel: [sources.NAME.build]."""
-
-    command: str = DEFAULT_COMMAND
-    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    requires: tuple[str, ...] = ()
-    needs: tuple[str, ...] = ()
-    directory: str = ""
-    skip: bool = False
-    version: str | None = None  # overrides the version derived from a git pin (builder/versions.py)
-    compile_check: bool = True  # every module of the wheel byte-compiles (builder/wheelcheck.py)
-    import_check: str = "auto"  # auto | strict | off: importing the wheel's top packages
-
-
-def _strings(w: Where | None, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise _err(w, key, f"'{key}' must be a list of strings")
-    return tuple(value)
-
-
-def _str_map(w: Where | None, key: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise _err(w, key, f"'{key}' must be a table of strings")
-    out = {}
-    for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise _err(w, f"{key}.{k}", f"'{key}.{k}' must be a string or number")
-        out[str(k)] = str(v)
-    return out
-
-
-def _number(w: Where | None, key: str, value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _err(w, key, f"'{key}' must be a number, not {value!r}") from None
-
-
-def _err(w: Where | None, key: str, message: str, hint: str | None = None) -> ConfigError:
-    return w.error(key, message, hint=hint) if w is not None else ConfigError(message, where=key, hint=hint)
-
-
-def find_dockerfile(name: str, root: Path) -> Path:
-    """`recipe = "cpu"` is containers/Dockerfile.cpu of the project, else the one stackbuild ships;
-    anything with a slash is a path relative to stack.toml."""
-    if "/" in name or name.startswith("Dockerfile"):
-        candidates = [root / name]
-    else:
-        candidates = [root / "containers" / f"Dockerfile.{name}", CONTAINERS / f"Dockerfile.{name}"]
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    raise ConfigError(f"no Dockerfile for recipe '{name}'", where="build.recipe",
-                      hint=f"looked at {', '.join(str(c) for c in candidates)}")
-
-
-def dockerfile_defaults(path: Path) -> dict[str, str]:
-    """What a recipe declares about itself: `ARG BASE=...` and `# stackbuild: memory_gb=N disk_gb=N`."""
-    out: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^\s*ARG\s+BASE=(\S+)", line)
-        if m and "base" not in out:
-            out["base"] = m.group(1)
-        m = re.match(r"^#\s*stackbuild:\s*(.+)$", line)
-        if m:
-            out.update(dict(pair.split("=", 1) for pair in m.group(1).split() if "=" in pair))
-    return out
-
-
-def _path(root: Path, value: str) -> Path:
-    path = Path(os.path.expanduser(value))
-    return (path if path.is_absolute() else root / path).resolve()
-
-
-BUILD_ARG_ENV = "STACKBUILD_BUILD_ARG_"
 CONTAINER_CACHE = "/var/cache/stackbuild"  # where bind-mounted pip/ccache caches appear in a build
 
-
-def env_build_args() -> dict[str, str]:
-    """Host-specific build arguments (repository and index URLs) from STACKBUILD_BUILD_ARG_<NAME>,
-    so no index host has to be written into a stack file."""
-    return {k[len(BUILD_ARG_ENV):]: v for k, v in os.environ.items() if k.startswith(BUILD_ARG_ENV) and v}
-
-
-def parse_recipe(table: Mapping[str, Any], root: Path, w: Where | None = None, prefix: str = "build") -> Recipe:
-    """The merged [build] table, plus environment overrides for host-specific inputs."""
-    for key in table:
-        if key not in BUILD_KEYS:
-            raise _err(w, f"{prefix}.{key}", f"unknown key '{key}' in [{prefix}]", hint=f"allowed: {', '.join(sorted(BUILD_KEYS))}")
-    name = str(table.get("recipe", "cpu"))
-    dockerfile = find_dockerfile(name, root)
-    declared = dockerfile_defaults(dockerfile)
-    base = os.environ.get("STACKBUILD_BASE_IMAGE") or table.get("base") or declared.get("base")
-    if not base:
-        raise _err(w, f"{prefix}.base", "the build needs a base image", hint='set base = "stackbuild/base:bookworm" in [build]')
-    wheelhouse = os.environ.get("STACKBUILD_WHEELHOUSE") or table.get("wheelhouse")
-    ca = os.environ.get("STACKBUILD_CA_BUNDLE") or table.get("ca_bundle")
-    caches = _str_map(w, f"{prefix}.caches", table.get("caches", {}))
-    for kind in caches:
-        if kind not in ("pip", "ccache"):
-            raise _err(w, f"{prefix}.caches.{kind}", f"unknown cache '{kind}'", hint="caches are 'pip' and 'ccache'")
-    env_engines = [e for e in os.environ.get("STACKBUILD_ENGINES", "").split(",") if e.strip()]
-    recipe = Recipe(
-        name=name,
-        dockerfile=dockerfile,
-        base=str(base),
-        args=MappingProxyType({**_str_map(w, f"{prefix}.args", table.get("args", {})), **env_build_args()}),
-        env=MappingProxyType(_str_map(w, f"{prefix}.env", table.get("env", {}))),
-        wheelhouse=_path(root, str(wheelhouse)) if wheelhouse else None,
-        ca_bundle=_path(root, str(ca)) if ca else None,
-        index_url=os.environ.get("STACKBUILD_INDEX_URL") or table.get("index_url"),
-        extra_index_urls=_strings(w, f"{prefix}.extra_index_urls", table.get("extra_index_urls", [])),
-        caches=MappingProxyType({k: _path(root, v) for k, v in caches.items()}),
-        memory_gb=_number(w, f"{prefix}.memory_gb", table.get("memory_gb", declared.get("memory_gb", 4))),
-        disk_gb=_number(w, f"{prefix}.disk_gb", table.get("disk_gb", declared.get("disk_gb", 10))),
-        engines=tuple(env_engines) or _strings(w, f"{prefix}.engines", table.get("engines", [])),
-        timeout=int(_number(w, f"{prefix}.timeout", table.get("timeout", 7200))),
-    )
-    if recipe.wheelhouse is not None and not recipe.wheelhouse.is_dir():
-        raise _err(w, f"{prefix}.wheelhouse", f"wheelhouse {recipe.wheelhouse} is not a folder",
-                   hint="create it, or unset STACKBUILD_WHEELHOUSE / build.wheelhouse")
-    if recipe.ca_bundle is not None and not recipe.ca_bundle.is_file():
-        raise _err(w, f"{prefix}.ca_bundle", f"CA bundle {recipe.ca_bundle} does not exist")
-    return recipe
-
-
-def parse_source_build(source: Source, w: Where | None = None) -> SourceBuild:
-    key = f"sources.{source.name}.build"
-    table = source.build
-    for k in table:
-        if k not in SOURCE_BUILD_KEYS:
-            raise _err(w, f"{key}.{k}", f"unknown key '{k}' in [{key}]", hint=f"allowed: {', '.join(sorted(SOURCE_BUILD_KEYS))}")
-    directory = str(table.get("directory", "")).strip("/")
-    if ".." in Path(directory).parts:
-        raise _err(w, f"{key}.directory", "'directory' must stay inside the source")
-    compile_check = table.get("compile_check", True)
-    if not isinstance(compile_check, bool):
-        raise _err(w, f"{key}.compile_check", "'compile_check' must be true or false")
-    import_check = table.get("import_check", "auto")
-    if import_check not in IMPORT_MODES:
-        raise _err(w, f"{key}.import_check", f"'import_check' must be one of {', '.join(IMPORT_MODES)}, not {import_check!r}")
-    version = table.get("version")
-    if version is not None:
-        problem = versions.check_version(version) if isinstance(version, str) else "'version' must be a string"
-        if problem:
-            raise _err(w, f"{key}.version", problem, hint='e.g. version = "0.20.2.dev0+gc51df4300"')
-    return SourceBuild(
-        command=str(table.get("command", DEFAULT_COMMAND)),
-        env=MappingProxyType(_str_map(w, f"{key}.env", table.get("env", {}))),
-        requires=_strings(w, f"{key}.requires", table.get("requires", [])),
-        needs=_strings(w, f"{key}.needs", table.get("needs", [])),
-        directory=directory,
-        skip=bool(table.get("skip", False)),
-        version=version,
-        compile_check=compile_check,
-        import_check=import_check,
-    )
+Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------- partial builds
@@ -898,17 +704,6 @@ def verify(folder: Path) -> dict:
 
 
 # Keys of [build] that belong to the recipe the stack names: another recipe starts from its own.
-RECIPE_BOUND_KEYS = ("base", "args", "memory_gb", "disk_gb")
-
-
-def stack_recipe(cfg: Config, resolved: ResolvedStack, recipe: str | None = None) -> Recipe:
-    """RECIPE (`--recipe`) replaces the stack's; its base image, build args and host needs then come
-    from that recipe's Dockerfile (and STACKBUILD_BASE_IMAGE), not from the stack's [build]."""
-    table = dict(resolved.build)
-    if recipe is not None and recipe != table.get("recipe", "cpu"):
-        table = {k: v for k, v in table.items() if k not in RECIPE_BOUND_KEYS}
-        table["recipe"] = recipe
-    return parse_recipe(table, cfg.root, cfg.where)
 
 
 def build_stack(settings: Settings, cfg: Config, stack_name: str, *, engine_urls: Sequence[str] = (),

@@ -18,6 +18,7 @@ from typing import Any, Collection, Mapping
 from . import schema
 from .errors import ConfigError
 from .schema import Where
+from .settings import env_value
 from .variants import Precompiled, Variant, apply_variant
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -419,8 +420,8 @@ def parse_config(text: str, path: Path) -> Config:
     return config
 
 
-def find_stack_file(explicit: str | os.PathLike | None = None) -> Path:
-    chosen = explicit or os.environ.get("STACKBUILD_STACK")
+def find_stack_file(explicit: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:
+    chosen = explicit or env_value("STACKBUILD_STACK", env)
     if chosen:
         path = Path(chosen)
         if path.is_dir():
@@ -444,6 +445,21 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", where=str(stack_file)) from None
     return parse_config(text, stack_file)
+
+
+def located(config: Config, resolved: ResolvedStack, table: str) -> schema.Layered:
+    """Where each key of the merged TABLE ("build" or "smoke") of RESOLVED was written, following
+    resolve_stack's merge: the top level, replaced by a variant's table where a stack names one,
+    refined by each stack of the chain."""
+    layers: list[tuple[str, Mapping]] = [(table, getattr(config, table))]
+    for name in resolved.chain:
+        stack = config.stacks[name]
+        if stack.variant is not None:
+            own = getattr(config.variants[stack.variant], table)
+            if own is not None:
+                layers = [(f"variants.{stack.variant}.{table}", own)]
+        layers.append((f"stacks.{name}.{table}", getattr(stack, table)))
+    return schema.Layered(config.where, tuple(layers))
 
 
 def resolve_stack(config: Config, name: str) -> ResolvedStack:

@@ -17,7 +17,7 @@ import docker.errors
 import requests.exceptions
 
 from . import engine as engines
-from .build import Recipe
+from .recipes import Recipe
 from .errors import EngineError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"

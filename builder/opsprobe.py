@@ -141,7 +141,7 @@ def check_stack(settings: Settings, cfg: Config, stack_name: str) -> tuple[Check
     """The doctor's check of a variant stack that names a precompiled wheel: the wheel's op schemas
     against the bindings of the stack's source with its patches applied (in memory), or None."""
     from . import apply
-    from .build import stack_recipe
+    from .recipes import stack_recipe
     from .git import git
 
     resolved = cfg.stack(stack_name)

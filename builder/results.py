@@ -5,9 +5,8 @@ Files are written to a temporary name and renamed, so a run that dies leaves no 
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -137,13 +136,10 @@ def plot_throughput(runs: Sequence[Mapping[str, Any]], out: Path, stack: str) ->
         raise SmokeError(f"no run of stack '{stack}' has throughput figures to plot", where=str(out),
                          hint=f"run `stackbuild smoke {stack}` first")
     fig = throughput_figure(points, stack)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(out, png.getvalue())
     return out

@@ -89,6 +89,9 @@ class Unlocated:
         return ConfigError(message, where=dotted, hint=hint)
 
 
+UNLOCATED = Unlocated()
+
+
 def _header_names(table: list[str]) -> set[str]:
     quoted = ".".join(f'"{p}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", p) else p for p in table)
     return {".".join(table), quoted}

@@ -1,7 +1,15 @@
-"""Machine-level settings: where the cache, work trees and outputs live, and the mirror map.
+"""Machine-level settings: where the cache, work trees and outputs live, the mirror map, and
+every `STACKBUILD_*` environment override.
 
 These belong to the host, not to the stack: the same stack.toml works on the lab box, in CI and
 on an offline machine because URLs are rewritten here, never in the stack file.
+
+Precedence, highest first (cibuildwheel's order): a command-line option; the environment
+(`OVERRIDES` below, the only `STACKBUILD_*` names stackbuild reads); the stack file (a stack's
+own table over the stacks it extends, over a variant's, over the top level); the user config
+file (mirrors only); what a recipe's Dockerfile declares; the built-in default. Functions that
+read the environment take it as a mapping (default `os.environ`), so callers and tests can pass
+their own.
 """
 
 from __future__ import annotations
@@ -13,11 +21,55 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from .config import Config
-from .schema import looks_like_option
+from typing import TYPE_CHECKING
+
 from .errors import ConfigError
+from .schema import looks_like_option
+
+if TYPE_CHECKING:
+    from .config import Config
 
 MIRRORS_ENV = "STACKBUILD_MIRRORS"
+
+
+@dataclass(frozen=True)
+class Override:
+    name: str  # the variable; one ending in "_" is a prefix (NAME_<X>)
+    replaces: str  # what it takes precedence over
+    meaning: str
+
+
+OVERRIDES = (
+    Override("STACKBUILD_STACK", "the stack.toml found from the working directory up", "the stack file, or its folder"),
+    Override("STACKBUILD_CACHE", "$XDG_CACHE_HOME/stackbuild", "the cache: mirrors, archives, wheels, venvs, the tiny model"),
+    Override("STACKBUILD_WORK", "work/ beside stack.toml", "worktrees and states"),
+    Override("STACKBUILD_DIST", "dist/ beside stack.toml", "built stacks"),
+    Override("STACKBUILD_RESULTS", "results/ beside stack.toml", "smoke results records"),
+    Override(MIRRORS_ENV, "[mirrors] of stack.toml and of the user config", "URL prefix rewrites, PREFIX=TARGET;..."),
+    Override("STACKBUILD_BASE_IMAGE", "build.base; the recipe's ARG BASE", "the build's base image"),
+    Override("STACKBUILD_WHEELHOUSE", "build.wheelhouse", "a folder of wheels the build and serving installs use"),
+    Override("STACKBUILD_CA_BUNDLE", "build.ca_bundle", "the CA bundle given to builds and serving images"),
+    Override("STACKBUILD_INDEX_URL", "build.index_url", "the package index of builds and serving images"),
+    Override("STACKBUILD_ENGINES", "build.engines", "Docker Engine URLs, comma-separated"),
+    Override("STACKBUILD_BUILD_ARG_", "build.args.<NAME>", "build argument <NAME> (repository and index URLs)"),
+    Override("STACKBUILD_DOCKERD_LOG", "/var/log/stackbuild-dockerd.log", "the log of the dockerd `stackbuild setup` starts"),
+    Override("STACKBUILD_CRASH_AT", "nothing (tests only)", "kill the process at a named moment of a move"),
+)
+_NAMES = {o.name for o in OVERRIDES}
+
+
+def env_value(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The override NAME (one of OVERRIDES) when it is set and not empty."""
+    assert name in _NAMES, f"{name} is not in settings.OVERRIDES"
+    value = (os.environ if env is None else env).get(name)
+    return value or None
+
+
+def env_prefixed(prefix: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The set, non-empty overrides PREFIX<X> (a prefix of OVERRIDES), keyed by <X>."""
+    assert prefix in _NAMES and prefix.endswith("_"), f"{prefix} is not a prefix in settings.OVERRIDES"
+    items = (os.environ if env is None else env).items()
+    return {k[len(prefix):]: v for k, v in items if k.startswith(prefix) and k != prefix and v}
 
 
 def user_config_path() -> Path:
@@ -25,10 +77,11 @@ def user_config_path() -> Path:
     return Path(base) / "stackbuild" / "config.toml"
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("STACKBUILD_CACHE"):
-        return Path(os.environ["STACKBUILD_CACHE"]).resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    chosen = env_value("STACKBUILD_CACHE", env)
+    if chosen:
+        return Path(chosen).resolve()
+    base = (os.environ if env is None else env).get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "stackbuild"
 
 
@@ -87,7 +140,8 @@ class Settings:
         return self.cache_dir / "patches"
 
 
-def load_settings(config: Config | None = None, *, work_dir: str | os.PathLike | None = None) -> Settings:
+def load_settings(config: Config | None = None, *, work_dir: str | os.PathLike | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
     """Mirrors merge user config < project stack.toml < environment; later ones win per prefix."""
     user = _read_user_config(user_config_path())
     mirrors: dict[str, str] = {}
@@ -98,13 +152,13 @@ def load_settings(config: Config | None = None, *, work_dir: str | os.PathLike |
     mirrors.update(user_mirrors)
     if config is not None:
         mirrors.update(config.mirrors)
-    mirrors.update(parse_mirror_env(os.environ.get(MIRRORS_ENV, "")))
+    mirrors.update(parse_mirror_env(env_value(MIRRORS_ENV, env) or ""))
     root = config.root if config is not None else Path.cwd()
-    chosen_work = work_dir or os.environ.get("STACKBUILD_WORK") or root / "work"
+    chosen_work = work_dir or env_value("STACKBUILD_WORK", env) or root / "work"
     return Settings(
-        cache_dir=default_cache_dir(),
+        cache_dir=default_cache_dir(env),
         work_dir=Path(chosen_work).resolve(),
-        dist_dir=Path(os.environ.get("STACKBUILD_DIST") or root / "dist").resolve(),
-        results_dir=Path(os.environ.get("STACKBUILD_RESULTS") or root / "results").resolve(),
+        dist_dir=Path(env_value("STACKBUILD_DIST", env) or root / "dist").resolve(),
+        results_dir=Path(env_value("STACKBUILD_RESULTS", env) or root / "results").resolve(),
         mirrors=MappingProxyType(mirrors),
     )

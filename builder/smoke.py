@@ -335,7 +335,7 @@ def _parse_gates(k: _Keys, key: str, raw: Mapping) -> tuple[Gate, ...]:
 
 
 def _parse_container(k: _Keys, raw: Any) -> ContainerSpec:
-    from .build import stack_recipe
+    from .recipes import stack_recipe
 
     raw = _get_table(k, "container", raw)
     _unknown(k, "container", raw, CONTAINER_KEYS)

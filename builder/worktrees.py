@@ -24,7 +24,7 @@ from .errors import ApplyError, LockError, StackbuildError
 from .fsutil import atomic_write, locked, sha256
 from .git import git, hint_for
 from .series import stack_patch_digests
-from .settings import Settings
+from .settings import Settings, env_value
 
 
 STATE_FILE = "stackbuild-state.json"
@@ -179,7 +179,7 @@ def settle(journal: Journal, wt: Path) -> None:
 def _crash_point(moment: str) -> None:
     """Testing seam of tests/test_apply_crash.py: STACKBUILD_CRASH_AT=<moment> kills apply at that
     moment of a move, as a power cut or `kill -9` would, to prove the next run finishes it."""
-    if os.environ.get("STACKBUILD_CRASH_AT") == moment:
+    if env_value("STACKBUILD_CRASH_AT") == moment:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

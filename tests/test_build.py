@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder import build as B
+from builder import recipes as R
 from builder import engine as E
 from builder.cli import main
 from builder.config import Source, load_config
@@ -35,8 +36,8 @@ def hermetic(tmp_path, monkeypatch):
         monkeypatch.setenv(f"GIT_{k}_DATE", "2001-01-01T00:00:00Z")
 
 
-def recipe(tmp_path: Path, **table) -> B.Recipe:
-    return B.parse_recipe({"recipe": "cpu", **table}, tmp_path)
+def recipe(tmp_path: Path, **table) -> R.Recipe:
+    return R.parse_recipe({"recipe": "cpu", **table}, tmp_path)
 
 
 def item(pin: str = "a" * 40, patches=(("s/one.patch", b"one"),)) -> B.BuildInput:
@@ -52,7 +53,7 @@ def test_recipe_defaults_come_from_the_dockerfile(tmp_path):
     r = recipe(tmp_path)
     assert r.dockerfile == REPO / "containers" / "Dockerfile.cpu"
     assert r.base == "stackbuild/base:bookworm" and r.memory_gb == 4
-    xpu = B.parse_recipe({"recipe": "xpu"}, tmp_path)
+    xpu = R.parse_recipe({"recipe": "xpu"}, tmp_path)
     assert xpu.base == "ubuntu:24.04" and xpu.memory_gb >= 120
 
 
@@ -70,23 +71,23 @@ def test_recipe_errors_point_at_stack_toml(tmp_path):
                                          '[sources.x]\npypi = "x==1"\n\n[stacks.s]\nsources = ["x"]\n')
     cfg = load_config(tmp_path / "stack.toml")
     with pytest.raises(ConfigError) as err:
-        B.stack_recipe(cfg, cfg.stack("s"))
+        R.stack_recipe(cfg, cfg.stack("s"))
     assert "stack.toml:3" in str(err.value) and "wheelhouse" in str(err.value)
     (tmp_path / "stack.toml").write_text('[build]\nrecipe = "cpu"\nbogus = 1\n\n[sources.x]\npypi = "x==1"\n\n'
                                          '[stacks.s]\nsources = ["x"]\n')
     cfg = load_config(tmp_path / "stack.toml")
     with pytest.raises(ConfigError, match="unknown key 'bogus'"):
-        B.stack_recipe(cfg, cfg.stack("s"))
+        R.stack_recipe(cfg, cfg.stack("s"))
     with pytest.raises(ConfigError, match="no Dockerfile for recipe 'nope'"):
-        B.parse_recipe({"recipe": "nope"}, tmp_path)
+        R.parse_recipe({"recipe": "nope"}, tmp_path)
 
 
 def test_source_build_table_is_checked(tmp_path):
     src = Source("p", "pypi", pypi="p==1", build={"command": "x", "needz": []})
     with pytest.raises(ConfigError, match="unknown key 'needz'"):
-        B.parse_source_build(src)
+        R.parse_source_build(src)
     with pytest.raises(ConfigError, match="inside the source"):
-        B.parse_source_build(Source("p", "pypi", pypi="p==1", build={"directory": "../up"}))
+        R.parse_source_build(Source("p", "pypi", pypi="p==1", build={"directory": "../up"}))
 
 
 # ------------------------------------------------------------------ keys
@@ -94,14 +95,14 @@ def test_source_build_table_is_checked(tmp_path):
 
 def test_cache_key_covers_what_decides_the_wheel(tmp_path):
     r = recipe(tmp_path)
-    spec = B.SourceBuild()
+    spec = R.SourceBuild()
     base = B.cache_key(item(), spec, r, "sha256:1", [])
     assert base == B.cache_key(item(), spec, r, "sha256:1", [])
     assert base != B.cache_key(item(patches=(("s/one.patch", b"one!"),)), spec, r, "sha256:1", [])
     assert base != B.cache_key(item(pin="b" * 40), spec, r, "sha256:1", [])
     assert base != B.cache_key(item(), spec, r, "sha256:2", [])
     assert base != B.cache_key(item(), spec, r, "sha256:1", ["dep"])
-    assert base != B.cache_key(item(), B.SourceBuild(env={"X": "1"}), r, "sha256:1", [])
+    assert base != B.cache_key(item(), R.SourceBuild(env={"X": "1"}), r, "sha256:1", [])
     assert base != B.cache_key(item(), spec, recipe(tmp_path, args={"PYTHON": "python3.11"}), "sha256:1", [])
     # Speed-ups and trust do not change what is built.
     (tmp_path / "ca.pem").write_text("x")
@@ -113,9 +114,9 @@ def test_wheelhouse_listing_enters_the_key(tmp_path):
     (tmp_path / "wh").mkdir()
     (tmp_path / "wh" / "torch-1-py3-none-any.whl").write_bytes(b"x")
     r = recipe(tmp_path, wheelhouse="wh")
-    before = B.cache_key(item(), B.SourceBuild(), r, "i", [])
+    before = B.cache_key(item(), R.SourceBuild(), r, "i", [])
     (tmp_path / "wh" / "torch-2-py3-none-any.whl").write_bytes(b"y")
-    assert B.cache_key(item(), B.SourceBuild(), r, "i", []) != before
+    assert B.cache_key(item(), R.SourceBuild(), r, "i", []) != before
 
 
 def test_redact_hides_secrets():
@@ -128,7 +129,7 @@ def test_redact_hides_secrets():
 
 def test_build_script_is_valid_bash(tmp_path):
     r = recipe(tmp_path, index_url="https://mirror.example.invalid/simple")
-    spec = B.SourceBuild(command='echo "$OUT"', requires=("torch==2.13.0+cpu",), directory="sub dir")
+    spec = R.SourceBuild(command='echo "$OUT"', requires=("torch==2.13.0+cpu",), directory="sub dir")
     script = B.build_script(r, spec, has_deps=True)
     subprocess.run(["bash", "-n"], input=script.encode(), check=True)
     assert "python -m pip install torch==2.13.0+cpu" in script
@@ -191,7 +192,7 @@ def B_settings(cfg):
 
 
 def test_needs_cycle_and_unknown_are_config_errors(tmp_path):
-    jobs = {n: B._Job(item(), B.SourceBuild(needs=tuple(d))) for n, d in {"a": ["b"], "b": ["a"]}.items()}
+    jobs = {n: B._Job(item(), R.SourceBuild(needs=tuple(d))) for n, d in {"a": ["b"], "b": ["a"]}.items()}
     with pytest.raises(ConfigError, match="cycle"):
         B._topo(jobs)
 

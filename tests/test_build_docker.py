@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder import build as B
+from builder import recipes as R
 from builder import engine as E
 from builder.cli import main
 from builder.config import load_config
@@ -393,7 +394,7 @@ command = "sleep 60"
         build(stack_file)
     assert time.monotonic() - t0 < 50
     leftovers = engine.client.containers.list(all=True, filters={"ancestor": B.image_tag(
-        B.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
+        R.parse_recipe({"recipe": "cpu"}, env), engine.image_id(BASE))})
     assert leftovers == []
     assert not (env / "dist" / "pair").exists()
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder import build as B
+from builder import recipes as R
 from builder.cli import main
 from builder.config import load_config
 from builder.errors import ConfigError, SourceError, VerifyError
@@ -47,7 +48,7 @@ def test_only_vllm_with_the_cpu_recipe_plans_the_lab_stack_without_its_kernels(m
 def test_only_names_a_source_the_stack_builds():
     cfg = load_config(REPO / "stack.toml")
     resolved = cfg.stack("baseline")
-    specs = {s.name: B.parse_source_build(s, cfg.where) for s in resolved.sources}
+    specs = {s.name: R.parse_source_build(s, cfg.where) for s in resolved.sources}
     with pytest.raises(ConfigError, match="--only vlm: 'vlm' is not a source of stack 'baseline'") as err:
         B.select_only(resolved, specs, ["vlm"])
     assert "vllm" in err.value.hint

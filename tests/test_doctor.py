@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder import doctor as D
-from builder.build import parse_recipe
+from builder.recipes import parse_recipe
 from builder.cli import main
 from builder.errors import DoctorError
 from conftest import unavailable

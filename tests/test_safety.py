@@ -409,6 +409,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_build_args_with_credentials_are_redacted(tmp_path: Path, monkeypatch):
     from builder import build as B
+    from builder import recipes as R
     from builder.config import load_config
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/stackbuild-test.sock")
@@ -419,12 +420,12 @@ def test_build_args_with_credentials_are_redacted(tmp_path: Path, monkeypatch):
     assert "s3cret" not in out and "https://<redacted>@repo.example.invalid/simple" in out
     cfg = load_config(REPO / "stack.toml")
     resolved = cfg.stack("baseline")
-    recipe = B.stack_recipe(cfg, resolved)
+    recipe = R.stack_recipe(cfg, resolved)
     source = resolved.sources[0]
     item = B.BuildInput(source, Path(), str(source.pin))
     done = [B.SourceResult(source.name, "k" * 64, True, 0.0, (), "sha256:img", None, None, "fake")]
     manifest = B.write_dist(load_settings(cfg), "baseline", [item], recipe,
-                            {source.name: B._Job(item, B.parse_source_build(source))}, done, dist_dir=None, seconds=0.0)
+                            {source.name: B._Job(item, R.parse_source_build(source))}, done, dist_dir=None, seconds=0.0)
     written = (tmp_path / "dist/baseline/manifest.json").read_text()
     assert "s3cret" not in written and "s3cret" not in json.dumps(manifest)
     assert json.loads(written)["sources"][0]["recipe"]["args"]["EXTRA_INDEX"] == \

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder import build as B
+from builder import recipes as R
 from builder.cli import main
 from builder.config import load_config
 from builder.errors import ConfigError
@@ -101,9 +102,9 @@ def test_a_variant_skips_sources_adds_series_and_replaces_the_build_tables(tmp_p
     assert dict(cpu.build) == {"recipe": "cpu", "base": "stackbuild/base:bookworm"}
     assert dict(cpu.smoke) == {"model": "builtin:tiny", "args": ("--dtype", "float32")}
     # The per-source table replaces [sources.app.build]: no `needs` on the skipped kernels is left.
-    spec = B.parse_source_build(cpu.sources[0])
+    spec = R.parse_source_build(cpu.sources[0])
     assert spec.needs == () and dict(spec.env) == {"TARGET": "cpu"} and spec.requires == ("torch",)
-    assert B.parse_source_build(main_stack.sources[0]).needs == ("kernels",)
+    assert R.parse_source_build(main_stack.sources[0]).needs == ("kernels",)
     # The untouched main stack keeps its XPU tables.
     assert dict(main_stack.build)["recipe"] == "xpu" and dict(main_stack.smoke)["model"] == "/models/big"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from builder import build as B
+from builder import recipes as R
 from builder import versions as V
 from builder.config import Source, load_config
 from builder.errors import ConfigError, SourceError
@@ -58,7 +59,7 @@ def _version(tmp_path, upstream, commit, build=""):
     settings, cfg = _settings(tmp_path, upstream, commit, build)
     source = cfg.sources["pkg"]
     synced = sync(settings, source)
-    spec = B.parse_source_build(source, cfg.where)
+    spec = R.parse_source_build(source, cfg.where)
     return V.for_source(settings, source, synced.git_dir, synced.commit, spec.version), synced
 
 
@@ -121,18 +122,18 @@ def test_bad_version_key_is_a_config_error(tmp_path, upstream):
     pin = upstream.commit({"a.py": "x = 1\n"})
     settings, cfg = _settings(tmp_path, upstream, pin, '[sources.pkg.build]\nversion = "one point oh"\n')
     with pytest.raises(ConfigError, match="not a PEP 440 version") as err:
-        B.parse_source_build(cfg.sources["pkg"], cfg.where)
+        R.parse_source_build(cfg.sources["pkg"], cfg.where)
     assert "stack.toml:6" in str(err.value)
 
 
 def test_version_enters_key_script_and_plan(tmp_path, upstream, monkeypatch):
     pin = upstream.commit({"a.py": "x = 1\n"})
-    recipe = B.parse_recipe({"recipe": "cpu"}, tmp_path)
+    recipe = R.parse_recipe({"recipe": "cpu"}, tmp_path)
     source = Source("pkg", "git", url="https://example.invalid/pkg.git", commit=pin)
     one = B.BuildInput(source, Path(), pin, version=V.SourceVersion("1.0", "stack.toml"))
     two = B.BuildInput(source, Path(), pin, version=V.SourceVersion("1.1", "stack.toml"))
-    assert B.cache_key(one, B.SourceBuild(), recipe, "i", []) != B.cache_key(two, B.SourceBuild(), recipe, "i", [])
-    spec = B.SourceBuild(requires=("setuptools-scm",))
+    assert B.cache_key(one, R.SourceBuild(), recipe, "i", []) != B.cache_key(two, R.SourceBuild(), recipe, "i", [])
+    spec = R.SourceBuild(requires=("setuptools-scm",))
     script = B.build_script(recipe, spec, False, version=one.version, dist="my-pkg")
     subprocess.run(["bash", "-n"], input=script.encode(), check=True)
     lines = script.splitlines()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder import build as B
+from builder import recipes as R
 from builder import wheelcheck as W
 
 SCRIPT = Path(W.__file__)
@@ -109,11 +110,11 @@ def test_check_failure_names_file_line_and_the_patch():
 def test_check_keys_are_validated_and_enter_the_key(tmp_path):
     src = B.Source("p", "pypi", pypi="p==1", build={"import_check": "sometimes"})
     with pytest.raises(B.ConfigError, match="'import_check' must be one of auto, strict, off"):
-        B.parse_source_build(src)
-    recipe = B.parse_recipe({"recipe": "cpu"}, tmp_path)
+        R.parse_source_build(src)
+    recipe = R.parse_recipe({"recipe": "cpu"}, tmp_path)
     item = B.BuildInput(B.Source("p", "pypi", pypi="p==1"), Path(), "c" * 40)
-    assert B.cache_key(item, B.SourceBuild(), recipe, "i", []) != B.cache_key(
-        item, B.SourceBuild(import_check="off"), recipe, "i", [])
-    script = B.build_script(recipe, B.SourceBuild(), False)
+    assert B.cache_key(item, R.SourceBuild(), recipe, "i", []) != B.cache_key(
+        item, R.SourceBuild(import_check="off"), recipe, "i", [])
+    script = B.build_script(recipe, R.SourceBuild(), False)
     assert 'python /sb/wheelcheck.py "$OUT" compile auto' in script
-    assert "wheelcheck" not in B.build_script(recipe, B.SourceBuild(compile_check=False, import_check="off"), False)
+    assert "wheelcheck" not in B.build_script(recipe, R.SourceBuild(compile_check=False, import_check="off"), False)

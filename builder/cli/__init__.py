@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -79,16 +79,27 @@ class Group(click.Group):
     """Ctrl-C anywhere (parsing, rendering) exits 130 like an interrupt inside a command, not
     with click's "Aborted!" and exit 1."""
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        # Parsing the command line comes before invoke: a Ctrl-C there reached click's own handler.
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            self._interrupted()
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo(f"stackbuild: {INTERRUPTED.kind} error: {INTERRUPTED}", err=True)
-            sys.exit(INTERRUPTED.exit_code)
+            self._interrupted()
         except OSError as exc:  # outside `run`: rendering, writing output files
             error = os_error(exc, exc.filename, "read or write a file")
             click.echo(f"stackbuild: {error.kind} error: {error}", err=True)
             sys.exit(error.exit_code)
+
+    @staticmethod
+    def _interrupted() -> NoReturn:
+        click.echo(f"stackbuild: {INTERRUPTED.kind} error: {INTERRUPTED}", err=True)
+        sys.exit(INTERRUPTED.exit_code)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

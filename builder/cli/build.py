@@ -107,7 +107,7 @@ def doctor_cmd(ctx: Context, stacks: tuple[str, ...], recipe: str | None, engine
     disk, RAM + swap, and the XPU needs. `stackbuild setup` fixes the first two. A variant stack
     named here whose variant names a precompiled wheel also gets its compiled ops compared with the
     ones its patched source registers."""
-    from ..build import parse_recipe, stack_recipe
+    from ..recipes import parse_recipe, stack_recipe
     from ..doctor import run_checks
     from ..opsprobe import check_stack
 
