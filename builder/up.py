@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import build as build_mod
-from . import smoke as smoke_mod
+from .smoke import run as smoke_run
 from .apply import apply_stack
 from .config import Config, thaw
 from .errors import StackbuildError
@@ -118,7 +118,7 @@ def up(settings: Settings, config: Config, stack: str, *, profile: str | None = 
         marker = _passed_marker(settings, stack, key)
         if marker.is_file() and not force:
             return "skipped", "passed before with these wheels and settings", marker.read_text().strip()
-        record_ = smoke_mod.run_smoke(settings, config, stack, profile=profile, say=say)
+        record_ = smoke_run.run_smoke(settings, config, stack, profile=profile, say=say)
         result_file = record_["results_file"]
         atomic_write(marker, (result_file + "\n").encode())
         figure = record_["metrics"].get("output_throughput")

@@ -77,6 +77,13 @@ def test_the_low_layers_import_nothing_above_them():
         assert deps[low] <= allowed, (low, deps[low] - allowed)
 
 
+def test_smoke_run_is_the_top_of_the_smoke_package():
+    deps = graph()
+    smoke = {m for m in deps if m.startswith("builder.smoke.")}
+    assert {"builder.smoke.config", "builder.smoke.run"} <= smoke
+    assert [m for m in smoke if "builder.smoke.run" in deps[m]] == []
+
+
 def test_no_module_shadows_the_standard_library():
     # wheelcheck.py runs as a script with builder/ first on sys.path (see docs/architecture.md).
     import sys

@@ -15,7 +15,7 @@ from builder.cli import main
 from builder.config import load_config
 from builder.errors import ConfigError, SourceError, VerifyError
 from builder.settings import load_settings
-from builder.smoke import read_build
+from builder.smoke.run import read_build
 from conftest import Upstream, write_project
 
 REPO = Path(__file__).resolve().parent.parent

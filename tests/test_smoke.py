@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from builder import results as results_mod
-from builder import smoke
+from builder.smoke import checks as smoke_checks
+from builder.smoke import client as smoke_client
+from builder.smoke import config as smoke_config
+from builder.smoke import container as smoke_container
+from builder.smoke import metrics as smoke_metrics
+from builder.smoke import run as smoke_run
+from builder.smoke import runtime as smoke_runtime
 from builder.errors import ConfigError, SmokeError, VerifyError
 from smoketools import alive, cli, fake_stack, hermetic_env, load, pids_from, settings_for, wait_for
 
@@ -30,7 +36,7 @@ def _home(tmp_path, monkeypatch):
 
 def run(tmp_path: Path, **kw):
     stack = kw.pop("stack_file", None) or fake_stack(tmp_path, **kw)
-    return smoke.run_smoke(settings_for(tmp_path), load(stack), "fake")
+    return smoke_run.run_smoke(settings_for(tmp_path), load(stack), "fake")
 
 
 def assert_gone(pidfile: Path) -> None:
@@ -77,7 +83,7 @@ def test_never_ready_fails_at_the_timeout_with_the_log_tail(tmp_path):
     stack = fake_stack(tmp_path, pidfile=pidfile, server_flags="--never-ready")
     stack.write_text(stack.read_text().replace("ready_timeout = 20", "ready_timeout = 2"))
     t = time.monotonic()
-    with pytest.raises(smoke.ServerFailed, match="not ready after 2 s") as info:
+    with pytest.raises(smoke_checks.ServerFailed, match="not ready after 2 s") as info:
         run(tmp_path, stack_file=stack)
     assert time.monotonic() - t < 15
     assert "listening on" in info.value.log_tail
@@ -89,20 +95,20 @@ def test_never_ready_fails_at_the_timeout_with_the_log_tail(tmp_path):
 def test_server_exiting_before_ready_fails_at_once(tmp_path):
     stack = fake_stack(tmp_path, server_flags="--never-ready --exit-after 0.3")
     t = time.monotonic()
-    with pytest.raises(smoke.ServerFailed, match="exited with code 4 before it was ready"):
+    with pytest.raises(smoke_checks.ServerFailed, match="exited with code 4 before it was ready"):
         run(tmp_path, stack_file=stack)
     assert time.monotonic() - t < 10  # not the 20 s ready_timeout
 
 
 def test_health_200_is_not_enough_a_failing_completion_fails_readiness(tmp_path):
-    with pytest.raises(smoke.ServerFailed, match="/health is 200 but a completion fails: HTTP 500"):
+    with pytest.raises(smoke_checks.ServerFailed, match="/health is 200 but a completion fails: HTTP 500"):
         run(tmp_path, server_flags="--broken-generation")
 
 
 def test_server_crashing_mid_run_fails_and_leaves_nothing(tmp_path):
     pidfile = tmp_path / "pids.json"
     # Request 1 is the readiness probe; the crash comes during the canaries.
-    with pytest.raises(smoke.ServerFailed, match="exited with code 3 during the checks") as info:
+    with pytest.raises(smoke_checks.ServerFailed, match="exited with code 3 during the checks") as info:
         run(tmp_path, pidfile=pidfile, server_flags="--crash-after 3 --child")
     assert "crashing as told" in info.value.log_tail
     record = only_result(tmp_path)
@@ -121,12 +127,12 @@ def test_port_already_taken_is_refused_before_starting(tmp_path):
         port = busy.getsockname()[1]
         stack = fake_stack(tmp_path, pidfile=pidfile)
         with pytest.raises(SmokeError, match=f"port {port} on 127.0.0.1 is not available"):
-            smoke.run_smoke(settings_for(tmp_path), load(stack), "fake", port=port)
+            smoke_run.run_smoke(settings_for(tmp_path), load(stack), "fake", port=port)
     assert not pidfile.exists()  # no server was started
 
 
 def test_wrong_max_model_len_fails_the_models_check(tmp_path):
-    with pytest.raises(smoke.SmokeFailed, match="failed 1 check\\(s\\): models") as info:
+    with pytest.raises(smoke_run.SmokeFailed, match="failed 1 check\\(s\\): models") as info:
         run(tmp_path, server_flags="--report-max-model-len 128")
     models = next(c for c in info.value.record["checks"] if c["name"] == "models")
     assert models["figures"] == {"id": "fake-model", "max_model_len": 128, "expected_max_model_len": 256}
@@ -146,7 +152,7 @@ prompt = "Return only the number 42"
 max_tokens = 8
 {expect}
 """
-    with pytest.raises(smoke.SmokeFailed, match="canary:answer"):
+    with pytest.raises(smoke_run.SmokeFailed, match="canary:answer"):
         run(tmp_path, canaries=canaries)
 
 
@@ -166,7 +172,7 @@ expect_regex = "^( w[0-9]+)+$"
 
 def test_throughput_under_the_gate_fails_and_over_it_passes(tmp_path):
     slow = '[stacks.fake.smoke.gates]\noutput_throughput = 1e9\nmedian_ttft_ms = { max = 60000 }'
-    with pytest.raises(smoke.SmokeFailed, match="gate:output_throughput") as info:
+    with pytest.raises(smoke_run.SmokeFailed, match="gate:output_throughput") as info:
         run(tmp_path, extra=slow)
     gate = next(c for c in info.value.record["checks"] if c["name"] == "gate:output_throughput")
     assert gate["figures"]["min"] == 1e9 and 0 < gate["figures"]["value"] < 1e9
@@ -180,7 +186,7 @@ def test_version_fields_and_headers_are_checked(tmp_path):
     record = run(tmp_path, extra=extra,
                  server_flags="--version-field stackbuild=cpu-demo --header x-stackbuild-stack=cpu-demo")
     assert record["verdict"] == "pass"
-    with pytest.raises(smoke.SmokeFailed, match="version, headers"):
+    with pytest.raises(smoke_run.SmokeFailed, match="version, headers"):
         run(tmp_path, extra=extra)
 
 
@@ -191,14 +197,14 @@ def test_baseline_regression_and_changed_hash_fail(tmp_path):
     extra = 'tolerance = 0.95\n[stacks.fake.smoke]\n'
     stack = fake_stack(tmp_path)
     stack.write_text(stack.read_text().replace('model = "fake-model"', 'model = "fake-model"\n' + extra.splitlines()[0]))
-    again = smoke.run_smoke(settings_for(tmp_path), load(stack), "fake", baseline=base_file)
+    again = smoke_run.run_smoke(settings_for(tmp_path), load(stack), "fake", baseline=base_file)
     assert {c["name"] for c in again["checks"] if c["name"].startswith("baseline:")} >= {
         "baseline:canary:plain", "baseline:canary:chat-stream", "baseline:output_throughput"}
     # A different "model" answers differently: the changed output hash must fail.
     salted = fake_stack(tmp_path, server_flags="--salt other")
     salted.write_text(salted.read_text().replace('model = "fake-model"', 'model = "fake-model"\n' + extra.splitlines()[0]))
-    with pytest.raises(smoke.SmokeFailed, match="baseline:canary:plain"):
-        smoke.run_smoke(settings_for(tmp_path), load(salted), "fake", baseline=base_file)
+    with pytest.raises(smoke_run.SmokeFailed, match="baseline:canary:plain"):
+        smoke_run.run_smoke(settings_for(tmp_path), load(salted), "fake", baseline=base_file)
     # A slower server is a throughput regression beyond a tight tolerance. The fake's rounds can
     # differ by more than its median on a loaded machine ("within noise" would be right then), so
     # the baseline is pinned to agreeing rounds here.
@@ -207,8 +213,8 @@ def test_baseline_regression_and_changed_hash_fail(tmp_path):
     base_file.write_text(json.dumps(pinned))
     slow = fake_stack(tmp_path, server_flags="--token-delay 0.02")
     slow.write_text(slow.read_text().replace('model = "fake-model"', 'model = "fake-model"\ntolerance = 0.2'))
-    with pytest.raises(smoke.SmokeFailed, match="baseline:output_throughput"):
-        smoke.run_smoke(settings_for(tmp_path), load(slow), "fake", baseline=base_file)
+    with pytest.raises(smoke_run.SmokeFailed, match="baseline:output_throughput"):
+        smoke_run.run_smoke(settings_for(tmp_path), load(slow), "fake", baseline=base_file)
 
 
 # --- Ctrl-C on the real CLI -------------------------------------------------------------------
@@ -304,18 +310,18 @@ def test_results_plot_needs_runs(tmp_path):
 
 
 def test_percentile_matches_linear_interpolation():
-    assert smoke.percentile([1, 2, 3, 4], 50) == 2.5
-    assert smoke.percentile([10], 90) == 10
-    assert smoke.percentile(list(range(11)), 90) == pytest.approx(9.0)
+    assert smoke_metrics.percentile([1, 2, 3, 4], 50) == 2.5
+    assert smoke_metrics.percentile([10], 90) == 10
+    assert smoke_metrics.percentile(list(range(11)), 90) == pytest.approx(9.0)
 
 
 def _completion(start, ttft, e2e, n_in, n_out, itl=()):
-    return smoke.Completion(200, "x", n_in, n_out, "length", start, ttft, e2e, tuple(itl), {})
+    return smoke_client.Completion(200, "x", n_in, n_out, "length", start, ttft, e2e, tuple(itl), {})
 
 
 def test_compute_metrics_uses_vllm_bench_definitions():
     done = [_completion(0.0, 0.1, 1.1, 100, 11, [0.1] * 10), _completion(0.0, 0.3, 2.3, 100, 11, [0.2] * 10)]
-    m = smoke.compute_metrics(done, duration=2.5)
+    m = smoke_metrics.compute_metrics(done, duration=2.5)
     assert m["output_throughput"] == pytest.approx(22 / 2.5)
     assert m["total_token_throughput"] == pytest.approx(222 / 2.5)
     assert m["input_throughput"] == pytest.approx(200 / 2.5)
@@ -327,12 +333,12 @@ def test_compute_metrics_uses_vllm_bench_definitions():
 
 def test_gates_and_baseline_directions():
     metrics = {"output_throughput": 80.0, "median_ttft_ms": 100.0}
-    gates = smoke.evaluate_gates([smoke.Gate("output_throughput", min=80), smoke.Gate("median_ttft_ms", max=99)], metrics)
+    gates = smoke_metrics.evaluate_gates([smoke_config.Gate("output_throughput", min=80), smoke_config.Gate("median_ttft_ms", max=99)], metrics)
     assert [g.ok for g in gates] == [True, False]
     base = {"metrics": {"output_throughput": 100.0, "median_ttft_ms": 90.0}, "checks": []}
-    out = smoke.compare_baseline(base, metrics, [], ["output_throughput", "median_ttft_ms"], 0.15, "b.json")
+    out = smoke_metrics.compare_baseline(base, metrics, [], ["output_throughput", "median_ttft_ms"], 0.15, "b.json")
     assert [(c.name, c.ok) for c in out] == [("baseline:output_throughput", False), ("baseline:median_ttft_ms", True)]
-    unrelated = smoke.compare_baseline({"metrics": {}}, metrics, [], ["output_throughput"], 0.1, "b.json")
+    unrelated = smoke_metrics.compare_baseline({"metrics": {}}, metrics, [], ["output_throughput"], 0.1, "b.json")
     assert [c.ok for c in unrelated] == [False]
 
 
@@ -379,7 +385,7 @@ def parse(tmp_path: Path, text: str):
     path = tmp_path / "stack.toml"
     path.write_text(text)
     cfg = load(path)
-    return cfg, smoke.load_smoke_config(cfg, cfg.stack("s"))
+    return cfg, smoke_config.load_smoke_config(cfg, cfg.stack("s"))
 
 
 def test_profiles_merge_over_smoke_defaults(tmp_path):
@@ -398,12 +404,12 @@ def test_profiles_merge_over_smoke_defaults(tmp_path):
 
 def test_rendered_command_and_container_spec(tmp_path):
     _cfg, sc = parse(tmp_path, BASE)
-    prep = smoke.Prepared(sc, sc.profile("c2"), None, smoke.CONTAINER_PYTHON, "/models/x", None, "img:1", None)
-    argv, env = smoke.render(prep, "127.0.0.1", 8011, tmp_path)
-    assert argv[:5] == [smoke.CONTAINER_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/x"]
+    prep = smoke_run.Prepared(sc, sc.profile("c2"), None, smoke_config.CONTAINER_PYTHON, "/models/x", None, "img:1", None)
+    argv, env = smoke_run.render(prep, "127.0.0.1", 8011, tmp_path)
+    assert argv[:5] == [smoke_config.CONTAINER_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/x"]
     assert argv[argv.index("--port") + 1] == "8011" and argv[argv.index("--max-model-len") + 1] == "8192"
     assert env["VLLM_X"] == "8011" and env["VLLM_HOST_IP"] == "127.0.0.1"
-    spec = smoke.container_run_spec(sc, "img:1", argv, env, "127.0.0.1", 8011, {"/models/x": "/models/x"})
+    spec = smoke_container.container_run_spec(sc, "img:1", argv, env, "127.0.0.1", 8011, {"/models/x": "/models/x"})
     assert spec["devices"] == ["/dev/dri:/dev/dri:rwm"]
     assert spec["group_add"] == ["0", "44"]  # names resolved to host ids: device files carry those
     assert spec["shm_size"] == "16g" and spec["ipc_mode"] == "host" and spec["network_mode"] == "host"
@@ -411,7 +417,7 @@ def test_rendered_command_and_container_spec(tmp_path):
     assert "ports" not in spec and spec["command"] == argv and spec["detach"] is True
     bridged = BASE.replace('ipc_mode = "host"', 'ipc_mode = "host"\nnetwork_mode = "bridge"')
     _cfg, sc2 = parse(tmp_path, bridged)
-    spec2 = smoke.container_run_spec(sc2, "img:1", argv, env, "127.0.0.1", 8011, {})
+    spec2 = smoke_container.container_run_spec(sc2, "img:1", argv, env, "127.0.0.1", 8011, {})
     assert spec2["ports"] == {"8011/tcp": ("127.0.0.1", 8011)}
 
 
@@ -419,7 +425,7 @@ def test_container_dockerfile_installs_wheels_and_requirements(tmp_path):
     text = BASE.replace('runtime = "container"', 'runtime = "container"\nrequirements = ["torch==2.13.0+cpu"]\n'
                         'pip_args = ["--extra-index-url", "https://idx.example/simple"]\nuninstall = ["triton"]')
     _cfg, sc = parse(tmp_path, text)
-    dockerfile = smoke.container_dockerfile(sc, ["vllm-0.32.0+xpu-cp311-cp311-linux_x86_64.whl"])
+    dockerfile = smoke_container.container_dockerfile(sc, ["vllm-0.32.0+xpu-cp311-cp311-linux_x86_64.whl"])
     assert dockerfile.splitlines()[0] == "FROM lab/xpu-base:1"
     assert "COPY wheels/ /opt/stackbuild/wheels/" in dockerfile
     assert ("--extra-index-url https://idx.example/simple /opt/stackbuild/wheels/vllm-0.32.0+xpu-cp311-cp311-linux_x86_64.whl"
@@ -430,7 +436,7 @@ def test_container_dockerfile_installs_wheels_and_requirements(tmp_path):
 def test_unknown_group_is_a_clear_error(tmp_path):
     _cfg, sc = parse(tmp_path, BASE.replace('group_add = ["root", 44]', 'group_add = ["no-such-group-xyz"]'))
     with pytest.raises(SmokeError, match="group 'no-such-group-xyz' does not exist"):
-        smoke.container_run_spec(sc, "i", [], {}, "127.0.0.1", 1, {})
+        smoke_container.container_run_spec(sc, "i", [], {}, "127.0.0.1", 1, {})
 
 
 @pytest.mark.parametrize("snippet, message, key", [
@@ -449,7 +455,7 @@ def test_bad_config_names_file_line_and_key(tmp_path, snippet, message, key):
     path.write_text('[sources.v]\npypi = "vllm==0.32.0"\n' + snippet + "\n")
     cfg = load(path)
     with pytest.raises(ConfigError, match=message) as info:
-        smoke.load_smoke_config(cfg, cfg.stack("s"))
+        smoke_config.load_smoke_config(cfg, cfg.stack("s"))
     assert "stack.toml:" in info.value.where and key in info.value.where
 
 
@@ -473,25 +479,25 @@ def write_manifest(tmp_path: Path, payload: bytes = b"wheel-bytes") -> Path:
 def test_read_build_verifies_wheels(tmp_path):
     s = settings_for(tmp_path)
     with pytest.raises(SmokeError, match="no build of stack 'fake'"):
-        smoke.read_build(s, "fake")
+        smoke_run.read_build(s, "fake")
     write_manifest(tmp_path)
-    build = smoke.read_build(s, "fake")
+    build = smoke_run.read_build(s, "fake")
     assert build.wheels[0].version == "0.32.0+cpu" and build.digest == "d" * 64
     build.wheels[0].file.write_bytes(b"tampered")
     with pytest.raises(VerifyError, match="manifest says"):
-        smoke.read_build(s, "fake")
+        smoke_run.read_build(s, "fake")
 
 
 def test_env_key_changes_with_wheels_and_requirements(tmp_path):
     _cfg, sc = parse(tmp_path, BASE.replace('runtime = "container"', 'runtime = "venv"'))
     write_manifest(tmp_path)
-    build = smoke.read_build(settings_for(tmp_path), "fake")
-    keys = {smoke.env_key(sc, None, "3.11.7"), smoke.env_key(sc, build, "3.11.7"), smoke.env_key(sc, build, "3.12.1")}
+    build = smoke_run.read_build(settings_for(tmp_path), "fake")
+    keys = {smoke_runtime.env_key(sc, None, "3.11.7"), smoke_runtime.env_key(sc, build, "3.11.7"), smoke_runtime.env_key(sc, build, "3.12.1")}
     from dataclasses import replace
 
-    keys.add(smoke.env_key(replace(sc, requirements=("torch==2.13.0+cpu",)), build, "3.11.7"))
+    keys.add(smoke_runtime.env_key(replace(sc, requirements=("torch==2.13.0+cpu",)), build, "3.11.7"))
     assert len(keys) == 4
-    assert smoke.env_key(sc, build, "3.11.7") == smoke.env_key(sc, build, "3.11.7")
+    assert smoke_runtime.env_key(sc, build, "3.11.7") == smoke_runtime.env_key(sc, build, "3.11.7")
 
 
 def test_venv_runtime_creates_the_cached_env_once(tmp_path):
@@ -499,16 +505,16 @@ def test_venv_runtime_creates_the_cached_env_once(tmp_path):
     stack.write_text(stack.read_text().replace('runtime = "host"', 'runtime = "venv"'))
     cfg = load(stack)
     s = settings_for(tmp_path)
-    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
-    path = smoke.venv_path(s, sc, None)
-    assert not smoke.venv_ready(path)
-    record = smoke.run_smoke(s, cfg, "fake")
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack("fake"))
+    path = smoke_runtime.venv_path(s, sc, None)
+    assert not smoke_runtime.venv_ready(path)
+    record = smoke_run.run_smoke(s, cfg, "fake")
     assert record["verdict"] == "pass" and record["environment"] == str(path)
     assert record["server"]["command"][0] == str(path / "bin" / "python")
-    assert smoke.venv_ready(path)
-    mtime = (path / smoke.READY_MARK).stat().st_mtime_ns
-    smoke.run_smoke(s, cfg, "fake")
-    assert (path / smoke.READY_MARK).stat().st_mtime_ns == mtime
+    assert smoke_runtime.venv_ready(path)
+    mtime = (path / smoke_runtime.READY_MARK).stat().st_mtime_ns
+    smoke_run.run_smoke(s, cfg, "fake")
+    assert (path / smoke_runtime.READY_MARK).stat().st_mtime_ns == mtime
 
 
 def test_failed_venv_install_leaves_no_env(tmp_path):
@@ -516,10 +522,10 @@ def test_failed_venv_install_leaves_no_env(tmp_path):
     stack.write_text(stack.read_text().replace('runtime = "host"', 'runtime = "venv"\nrequirements = ["./does-not-exist.whl"]'))
     cfg = load(stack)
     s = settings_for(tmp_path)
-    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack("fake"))
     with pytest.raises(SmokeError, match="pip install"):
-        smoke.prepare_venv(s, sc, None)
-    assert not smoke.venv_path(s, sc, None).exists()
+        smoke_runtime.prepare_venv(s, sc, None)
+    assert not smoke_runtime.venv_path(s, sc, None).exists()
 
 
 def test_serve_says_ready_at_its_url_and_ctrl_c_is_a_normal_stop(tmp_path):
@@ -533,7 +539,7 @@ def test_serve_says_ready_at_its_url_and_ctrl_c_is_a_normal_stop(tmp_path):
     try:
         assert wait_for(lambda: _pids_written(pidfile))
         pids = pids_from(pidfile)
-        client = smoke.Client(f"http://127.0.0.1:{port}", "fake-model", 5)
+        client = smoke_client.Client(f"http://127.0.0.1:{port}", "fake-model", 5)
         assert wait_for(lambda: _health(client) == 200)
         done = client.complete("hi", max_tokens=3)
         assert done.ok and done.completion_tokens == 3
@@ -567,7 +573,7 @@ def _pids_written(pidfile: Path) -> bool:
         return False
 
 
-def _health(client: smoke.Client) -> int | None:
+def _health(client: smoke_client.Client) -> int | None:
     try:
         return client.get("/health", timeout=1).status_code
     except Exception:
@@ -575,7 +581,7 @@ def _health(client: smoke.Client) -> int | None:
 
 
 def test_busy_time_counts_overlapping_requests_once():
-    client = smoke.Client("http://127.0.0.1:1", "m", 1)
+    client = smoke_client.Client("http://127.0.0.1:1", "m", 1)
     client.intervals += [(0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (-2.0, -1.0)]
     assert client.busy(since=0.0) == pytest.approx(2.5)
 
@@ -593,14 +599,14 @@ def test_version_is_compared_with_the_built_wheel(tmp_path, flags, ok):
                      .replace('expect_version = { version = "0.0.fake" }', ""))
     cfg = load(stack)
     s = settings_for(tmp_path)
-    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
-    prep = smoke.Prepared(sc, sc.profile(None), smoke.read_build(s, "fake"), sys.executable, "m", None, None, "0.32.0+cpu")
-    port = smoke.free_port("127.0.0.1")
-    server, _argv = smoke.start_server(prep, "127.0.0.1", port, tmp_path, tmp_path / "log")
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack("fake"))
+    prep = smoke_run.Prepared(sc, sc.profile(None), smoke_run.read_build(s, "fake"), sys.executable, "m", None, None, "0.32.0+cpu")
+    port = smoke_runtime.free_port("127.0.0.1")
+    server, _argv = smoke_run.start_server(prep, "127.0.0.1", port, tmp_path, tmp_path / "log")
     try:
-        client = smoke.Client(f"http://127.0.0.1:{port}", "fake-model", 10)
-        smoke.wait_ready(server, client, 20)
-        result = smoke.check_version(client, sc.expect_version, prep.expected_version)
+        client = smoke_client.Client(f"http://127.0.0.1:{port}", "fake-model", 10)
+        smoke_checks.wait_ready(server, client, 20)
+        result = smoke_checks.check_version(client, sc.expect_version, prep.expected_version)
     finally:
         server.stop()
     assert result.ok is ok, result.detail
@@ -615,7 +621,7 @@ def test_version_is_compared_with_the_built_wheel(tmp_path, flags, ok):
     ("0.0.0", "0.0.1+g1.cpu", False),
 ])
 def test_the_reported_version_may_lack_the_device_label_of_the_wheel(got, installed, ok):
-    assert smoke.reported_as(got, installed) is ok
+    assert smoke_checks.reported_as(got, installed) is ok
 
 
 # --- rounds: medians and spread -----------------------------------------------------------------
@@ -624,7 +630,7 @@ def test_the_reported_version_may_lack_the_device_label_of_the_wheel(got, instal
 def test_summarize_rounds_gives_median_and_spread():
     rounds = [{"output_throughput": 500.0, "completed": 8.0}, {"output_throughput": 900.0, "completed": 8.0},
               {"output_throughput": 600.0, "completed": 8.0, "only_here": 1.0}]
-    metrics, spread = smoke.summarize_rounds(rounds)
+    metrics, spread = smoke_metrics.summarize_rounds(rounds)
     assert metrics == {"output_throughput": 600.0, "completed": 8.0}
     assert spread["output_throughput"] == {"min": 500.0, "max": 900.0, "pct": pytest.approx(66.67)}
     assert spread["completed"]["pct"] == 0.0
@@ -632,7 +638,7 @@ def test_summarize_rounds_gives_median_and_spread():
 
 def test_gates_judge_the_median_and_print_the_spread():
     spread = {"output_throughput": {"min": 70.0, "max": 120.0, "pct": 50.0}}
-    gate = smoke.evaluate_gates([smoke.Gate("output_throughput", min=80)], {"output_throughput": 100.0}, spread)[0]
+    gate = smoke_metrics.evaluate_gates([smoke_config.Gate("output_throughput", min=80)], {"output_throughput": 100.0}, spread)[0]
     assert gate.ok and "median output_throughput = 100.0 (rounds 70–120, spread 50%)" in gate.detail
     assert gate.figures["spread"] == spread["output_throughput"]
 
@@ -641,14 +647,14 @@ def test_baseline_difference_inside_the_spread_is_within_noise():
     base = {"metrics": {"output_throughput": 100.0}, "spread": {"output_throughput": {"min": 90.0, "max": 110.0}},
             "checks": []}
     # 15% slower than the baseline's median, beyond a 5% tolerance, but the rounds differ by up to 20.
-    near = smoke.compare_baseline(base, {"output_throughput": 85.0}, [], ["output_throughput"], 0.05, "b.json",
+    near = smoke_metrics.compare_baseline(base, {"output_throughput": 85.0}, [], ["output_throughput"], 0.05, "b.json",
                                   {"output_throughput": {"min": 84.0, "max": 86.0}})[0]
     assert near.ok and "within noise" in near.detail and near.figures["noise"] == 20.0
-    far = smoke.compare_baseline(base, {"output_throughput": 70.0}, [], ["output_throughput"], 0.05, "b.json",
+    far = smoke_metrics.compare_baseline(base, {"output_throughput": 70.0}, [], ["output_throughput"], 0.05, "b.json",
                                  {"output_throughput": {"min": 69.0, "max": 71.0}})[0]
     assert not far.ok and "beyond the noise of 20" in far.detail
     # Without rounds there is no noise to hide in: the tolerance alone decides.
-    bare = smoke.compare_baseline({"metrics": {"output_throughput": 100.0}}, {"output_throughput": 85.0}, [],
+    bare = smoke_metrics.compare_baseline({"metrics": {"output_throughput": 100.0}}, {"output_throughput": 85.0}, [],
                                   ["output_throughput"], 0.05, "b.json")[0]
     assert not bare.ok and "noise" not in bare.detail
 
@@ -697,8 +703,8 @@ def test_the_served_wheel_is_found_by_its_normalized_name(tmp_path, name):
     stack = fake_stack(tmp_path)
     stack.write_text(stack.read_text().replace("wheels = false", "wheels = true"))
     cfg = load(stack)
-    sc = smoke.load_smoke_config(cfg, cfg.stack("fake"))
-    prep = smoke.prepare(settings_for(tmp_path), sc, sc.profile(None), lambda _m: None)
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack("fake"))
+    prep = smoke_run.prepare(settings_for(tmp_path), sc, sc.profile(None), lambda _m: None)
     assert prep.expected_version == "0.32.0+cpu"
 
 
@@ -710,7 +716,7 @@ def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_p
 
     import docker.errors
 
-    real_start = smoke.start_server
+    real_start = smoke_run.start_server
     pidfile = tmp_path / "pids.json"
 
     def start_server(*args, **kwargs):
@@ -727,7 +733,7 @@ def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_p
 
         return replace(server, **{fails: stop if fails == "stop" else exit_code}), argv
 
-    monkeypatch.setattr(smoke, "start_server", start_server)
+    monkeypatch.setattr(smoke_run, "start_server", start_server)
     with pytest.raises(SmokeError, match="broke off: APIError") as err:
         run(tmp_path, pidfile=pidfile, extra="[stacks.fake.smoke.gates]\noutput_throughput = 1\n")
     record = only_result(tmp_path)
@@ -737,4 +743,29 @@ def test_an_engine_error_while_serving_or_stopping_still_writes_the_record(tmp_p
     assert "APIError" in failed[0]["detail"]
     # Gates judge a finished bench only: one the engine broke off has nothing to judge.
     assert ("gate:output_throughput" in [c["name"] for c in record["checks"]]) is (fails == "stop")
+    assert_gone(pidfile)
+
+
+def test_an_oserror_while_stopping_still_writes_the_record_then_raises_it(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    real_start = smoke_run.start_server
+    pidfile = tmp_path / "pids.json"
+
+    def start_server(*args, **kwargs):
+        server, argv = real_start(*args, **kwargs)
+
+        def stop() -> None:
+            server.stop()
+            raise OSError(5, "Input/output error")
+
+        return replace(server, stop=stop), argv
+
+    monkeypatch.setattr(smoke_run, "start_server", start_server)
+    with pytest.raises(SmokeError, match="broke off: OSError") as err:
+        run(tmp_path, pidfile=pidfile)
+    assert isinstance(err.value.__cause__, OSError)
+    record = only_result(tmp_path)
+    assert record["verdict"] == "fail" and err.value.where.endswith(".json")
+    assert [c["name"] for c in record["checks"] if not c["ok"]] == ["stop"]
     assert_gone(pidfile)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import smoke
+from builder.smoke import config as smoke_config
+from builder.smoke import runtime as smoke_runtime
 from builder.settings import default_cache_dir
 from conftest import unavailable
 from smoketools import HERE, alive, cli, hermetic_env, load, settings_for, wait_for
@@ -30,9 +31,9 @@ REAL_CACHE = Path(os.environ["STACKBUILD_TEST_CACHE"]) if os.environ.get("STACKB
 
 def _require_env() -> Path:
     cfg = load(STACK_FILE)
-    sc = smoke.load_smoke_config(cfg, cfg.stack("vllm-cpu"))
-    path = smoke.venv_path(settings_for(Path("."), cache=REAL_CACHE), sc, None)
-    if not smoke.venv_ready(path):
+    sc = smoke_config.load_smoke_config(cfg, cfg.stack("vllm-cpu"))
+    path = smoke_runtime.venv_path(settings_for(Path("."), cache=REAL_CACHE), sc, None)
+    if not smoke_runtime.venv_ready(path):
         unavailable("STACKBUILD_REQUIRE_VLLM", f"no cached vLLM venv at {path}; run .ci/vllm.sh")
     return path
 
@@ -123,7 +124,7 @@ def test_ctrl_c_during_startup_leaves_no_vllm_process(tmp_path, env):
         # Let vLLM spawn its engine processes before interrupting.
         assert wait_for(lambda: any("EngineCore" in p.read_text(errors="replace")
                                     for p in (tmp_path / "results" / "vllm-cpu").glob("*.server.log")), timeout=120)
-        tree = smoke.process_tree(proc.pid)
+        tree = smoke_runtime.process_tree(proc.pid)
         assert len(tree) >= 3, tree  # stackbuild, the API server and its engine core at least
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
@@ -135,7 +136,7 @@ def test_ctrl_c_during_startup_leaves_no_vllm_process(tmp_path, env):
 
 
 def test_prepare_only_reuses_the_cached_env(env, venv):
-    mark = venv / smoke.READY_MARK
+    mark = venv / smoke_runtime.READY_MARK
     before = mark.stat().st_mtime_ns
     proc = cli(["--stack", str(STACK_FILE), "smoke", "vllm-cpu", "--prepare-only", "--json"], env,
                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,7 @@ from builder import recipes as R
 from builder.cli import main
 from builder.config import load_config
 from builder.errors import ConfigError
-from builder.smoke import load_smoke_config
+from builder.smoke.config import load_smoke_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEAD = "unix:///nonexistent/stackbuild-test.sock"

@@ -8,7 +8,9 @@ from typing import Any
 import click
 
 from .. import results as results_mod
-from .. import smoke as smoke_mod
+from ..smoke import checks as smoke_checks
+from ..smoke import config as smoke_config
+from ..smoke import run as smoke_run
 from ..errors import SmokeError
 from ..report import console, simple_table
 from . import Context, emit, fail, json_option, main, pass_ctx, run
@@ -33,7 +35,7 @@ def _render_run(record: dict) -> None:
     metrics = record.get("metrics") or {}
     spread = record.get("spread") or {}
     if len(metrics) > 1:
-        names = [n for n in ("completed", "duration_s", *smoke_mod.METRICS) if n in metrics]
+        names = [n for n in ("completed", "duration_s", *smoke_config.METRICS) if n in metrics]
         rounds = len(record.get("rounds") or []) or 1
         console.print(simple_table(f"metrics (vllm bench serve names): median of {rounds} round(s)",
                                    ("metric", "median", "min", "max", "spread %"),
@@ -62,17 +64,17 @@ def smoke_cmd(ctx: Context, stack: str, profile: str | None, baseline: Path | No
     def go() -> dict:
         cfg = ctx.config()
         if prepare_only:
-            prep = smoke_mod.prepare_stack(ctx.settings(cfg), cfg, stack, profile=profile, say=_say)
+            prep = smoke_run.prepare_stack(ctx.settings(cfg), cfg, stack, profile=profile, say=_say)
             return {"stack": stack, "runtime": prep.sc.runtime, "environment": prep.env_path or prep.image,
                     "python": prep.python, "model": prep.model_path, "version": prep.expected_version}
         try:
-            return smoke_mod.run_smoke(ctx.settings(cfg), cfg, stack, profile=profile, baseline=baseline,
+            return smoke_run.run_smoke(ctx.settings(cfg), cfg, stack, profile=profile, baseline=baseline,
                                        host=host, port=port, say=_say)
-        except smoke_mod.ServerFailed as exc:
+        except smoke_checks.ServerFailed as exc:
             if exc.log_tail:
-                click.echo(f"--- last {smoke_mod.LOG_TAIL} lines of the server log ---\n{exc.log_tail}\n---", err=True)
+                click.echo(f"--- last {smoke_config.LOG_TAIL} lines of the server log ---\n{exc.log_tail}\n---", err=True)
             raise
-        except smoke_mod.SmokeFailed as exc:
+        except smoke_run.SmokeFailed as exc:
             if not ctx.as_json:
                 _render_run({**exc.record, "results_file": exc.where})
             raise
@@ -93,7 +95,7 @@ def serve_cmd(ctx: Context, stack: str, profile: str | None, host: str | None, p
     """Run STACK's server in the foreground (same environment and profile as smoke) until Ctrl-C."""
     def go() -> int:
         cfg = ctx.config()
-        return smoke_mod.serve(ctx.settings(cfg), cfg, stack, profile=profile, host=host, port=port, say=_say)
+        return smoke_run.serve(ctx.settings(cfg), cfg, stack, profile=profile, host=host, port=port, say=_say)
 
     code = run(ctx, go)
     if code:
