@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from builder import results as results_mod
+from builder.build import stack_digest
 from builder.smoke import checks as smoke_checks
 from builder.smoke import client as smoke_client
 from builder.smoke import config as smoke_config
@@ -470,7 +471,7 @@ def write_manifest(tmp_path: Path, payload: bytes = b"wheel-bytes") -> Path:
     import hashlib
 
     (folder / "manifest.json").write_text(json.dumps({
-        "schema": 1, "stack": "fake", "digest": "d" * 64,
+        "schema": 1, "stack": "fake", "digest": stack_digest([]), "sources": [],
         "wheels": [{"source": "vllm", "file": wheel.name, "name": "vllm", "version": "0.32.0+cpu",
                     "sha256": hashlib.sha256(b"wheel-bytes").hexdigest()}]}))
     return wheel
@@ -482,7 +483,7 @@ def test_read_build_verifies_wheels(tmp_path):
         smoke_run.read_build(s, "fake")
     write_manifest(tmp_path)
     build = smoke_run.read_build(s, "fake")
-    assert build.wheels[0].version == "0.32.0+cpu" and build.digest == "d" * 64
+    assert build.wheels[0].version == "0.32.0+cpu" and build.digest == stack_digest([])
     build.wheels[0].file.write_bytes(b"tampered")
     with pytest.raises(VerifyError, match="manifest says"):
         smoke_run.read_build(s, "fake")

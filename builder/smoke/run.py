@@ -25,7 +25,7 @@ from .. import results as results_mod
 from .. import tinymodel
 from ..config import Config
 from ..errors import SmokeError, StackbuildError, VerifyError
-from ..fsutil import publishing, sha256_file
+from ..fsutil import publishing
 from ..settings import Settings
 from .checks import CheckResult, ServerFailed, check_canary, check_concurrency, check_determinism, check_headers, check_health, check_models, check_version, wait_ready
 from .client import Client, _short
@@ -37,7 +37,8 @@ from .runtime import Server, check_port_free, free_port, installed_version, prep
 
 def read_build(settings: Settings, stack: str) -> BuildOutput:
     """The wheels `stackbuild build` left in dist/<stack>/, each verified against the manifest."""
-    manifest = settings.dist_dir / stack / "manifest.json"
+    folder = settings.dist_dir / stack
+    manifest = folder / "manifest.json"
     if not manifest.is_file():
         raise SmokeError(f"no build of stack '{stack}'", where=str(manifest),
                          hint=f"run `stackbuild build {stack}`, or set wheels = false in [smoke] to serve requirements only")
@@ -46,10 +47,13 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
     except (OSError, ValueError) as exc:
         raise VerifyError(f"unreadable build manifest: {exc!r}", where=str(manifest),
                           hint=f"rebuild with `stackbuild build {stack}`") from None
-    from ..build import refuse_partial  # the build's engine client is not needed until here
+    from ..build import refuse_partial, verify  # the build's engine client is not needed until here
 
-    if isinstance(data, dict):
-        refuse_partial(data, manifest, "smoke")
+    if not isinstance(data, dict):
+        raise VerifyError("unreadable build manifest: not a table", where=str(manifest),
+                          hint=f"rebuild with `stackbuild build {stack}`")
+    refuse_partial(data, manifest, "smoke")  # before verify, so the refusal names smoke
+    verify(folder)  # schema, every wheel's hash, no stray wheel, the digest
     try:
         wheels = []
         for entry in data["wheels"]:
@@ -60,14 +64,6 @@ def read_build(settings: Settings, stack: str) -> BuildOutput:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VerifyError(f"unreadable build manifest: {exc!r}", where=str(manifest),
                           hint=f"rebuild with `stackbuild build {stack}`") from None
-    for wheel in wheels:
-        if not wheel.file.is_file():
-            raise VerifyError(f"wheel {wheel.file.name} named by the manifest is missing", where=str(manifest),
-                              hint=f"rebuild with `stackbuild build {stack}`")
-        actual = sha256_file(wheel.file)
-        if actual != wheel.sha256:
-            raise VerifyError(f"wheel {wheel.file.name} has sha256 {actual[:12]}…, the manifest says {wheel.sha256[:12]}…",
-                              where=str(manifest), hint=f"rebuild with `stackbuild build {stack}`")
     return BuildOutput(manifest, digest, tuple(wheels), variant)
 
 
