@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 from .. import tinymodel
+from .. import schema
 from ..config import Config, ResolvedStack, deep_merge, thaw
 from ..errors import ConfigError
 
@@ -172,72 +173,11 @@ class SmokeConfig:
         return self.profiles[chosen]
 
 
-class _Keys:
-    """Names the TOML key a merged [smoke] value came from: the stack's own table or the top level."""
-
-    def __init__(self, cfg: Config, resolved: ResolvedStack):
-        self.cfg = cfg
-        self.resolved = resolved
-
-    def at(self, dotted: str) -> str:
-        head = dotted.split(".")[0]
-        for name in reversed(self.resolved.chain):
-            if head in self.cfg.stacks[name].smoke:
-                return f"stacks.{name}.smoke.{dotted}"
-        return f"smoke.{dotted}"
-
-    def error(self, dotted: str, message: str, hint: str | None = None) -> ConfigError:
-        return self.cfg.where.error(self.at(dotted), message, hint=hint)
+def _str_map(k: schema.Layered, key: str, value: Any) -> Mapping[str, str]:
+    return MappingProxyType(schema.str_map(k, key, value))
 
 
-def _get_str(k: _Keys, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise k.error(key, f"'{key}' must be a non-empty string, not {value!r}")
-    return value
-
-
-def _get_bool(k: _Keys, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise k.error(key, f"'{key}' must be true or false, not {value!r}")
-    return value
-
-
-def _get_num(k: _Keys, key: str, value: Any, low: float, high: float, *, integer: bool = False) -> Any:
-    ok_type = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise k.error(key, f"'{key}' must be {kind} from {low:g} to {high:g}, not {value!r}")
-    return value
-
-
-def _get_list(k: _Keys, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise k.error(key, f"'{key}' must be a list of strings")
-    return tuple(value)
-
-
-def _get_table(k: _Keys, key: str, value: Any) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise k.error(key, f"'{key}' must be a table")
-    return value
-
-
-def _get_str_table(k: _Keys, key: str, value: Any) -> Mapping[str, str]:
-    table = _get_table(k, key, value)
-    for name, v in table.items():
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise k.error(f"{key}.{name}", f"'{key}.{name}' must be a string or number")
-    return MappingProxyType({str(n): str(v) for n, v in table.items()})
-
-
-def _unknown(k: _Keys, prefix: str, table: Mapping, allowed: set[str]) -> None:
-    for key in table:
-        if key not in allowed:
-            raise k.error(f"{prefix}.{key}" if prefix else key, f"unknown key '{key}' in [smoke{'.' + prefix if prefix else ''}]",
-                          hint=f"allowed: {', '.join(sorted(allowed))}")
-
-
-def _check_template(k: _Keys, key: str, items: Sequence[str]) -> None:
+def _check_template(k: schema.Layered, key: str, items: Sequence[str]) -> None:
     dummy = {name: "x" for name in PLACEHOLDERS}
     for item in items:
         try:
@@ -247,14 +187,14 @@ def _check_template(k: _Keys, key: str, items: Sequence[str]) -> None:
                           hint=f"placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ for a brace") from exc
 
 
-def _parse_canary(k: _Keys, index: int, raw: Any) -> Canary:
-    raw = _get_table(k, "canaries", raw)
-    _unknown(k, "canaries", raw, CANARY_KEYS)
-    name = _get_str(k, "canaries", raw.get("name", f"canary-{index + 1}"))
+def _parse_canary(k: schema.Layered, index: int, raw: Any) -> Canary:
+    raw = schema.table(k, "canaries", raw)
+    schema.check_keys(k, "canaries", raw, CANARY_KEYS, title="[smoke.canaries]")
+    name = schema.string(k, "canaries", raw.get("name", f"canary-{index + 1}"))
     expect_regex = raw.get("expect_regex")
     if expect_regex is not None:
         try:
-            re.compile(_get_str(k, "canaries", expect_regex))
+            re.compile(schema.string(k, "canaries", expect_regex))
         except re.error as exc:
             raise k.error("canaries", f"canary '{name}': expect_regex is not a valid regex: {exc}") from None
     sha = raw.get("expect_sha256")
@@ -263,36 +203,36 @@ def _parse_canary(k: _Keys, index: int, raw: Any) -> Canary:
                       hint="copy it from a results file: checks[].figures.sha256")
     expect = raw.get("expect")
     if expect is not None:
-        expect = str(expect) if isinstance(expect, (int, float)) and not isinstance(expect, bool) else _get_str(k, "canaries", expect)
+        expect = str(expect) if isinstance(expect, (int, float)) and not isinstance(expect, bool) else schema.string(k, "canaries", expect)
     tokens = raw.get("expect_tokens")
     return Canary(
         name=name,
-        prompt=_get_str(k, "canaries", raw.get("prompt")),
-        chat=_get_bool(k, "canaries", raw.get("chat", False)),
-        stream=_get_bool(k, "canaries", raw.get("stream", False)),
-        max_tokens=_get_num(k, "canaries", raw.get("max_tokens", 16), 1, 1 << 20, integer=True),
-        ignore_eos=_get_bool(k, "canaries", raw.get("ignore_eos", False)),
+        prompt=schema.string(k, "canaries", raw.get("prompt")),
+        chat=schema.boolean(k, "canaries", raw.get("chat", False)),
+        stream=schema.boolean(k, "canaries", raw.get("stream", False)),
+        max_tokens=schema.integer(k, "canaries", raw.get("max_tokens", 16), 1, 1 << 20),
+        ignore_eos=schema.boolean(k, "canaries", raw.get("ignore_eos", False)),
         expect=expect,
         expect_regex=expect_regex,
         expect_sha256=sha,
-        expect_tokens=None if tokens is None else _get_num(k, "canaries", tokens, 1, 1 << 20, integer=True),
+        expect_tokens=None if tokens is None else schema.integer(k, "canaries", tokens, 1, 1 << 20),
     )
 
 
-def _parse_bench(k: _Keys, key: str, raw: Mapping) -> Bench:
-    _unknown(k, key, raw, BENCH_KEYS)
+def _parse_bench(k: schema.Layered, key: str, raw: Mapping) -> Bench:
+    schema.check_keys(k, key, raw, BENCH_KEYS, title=f"[smoke.{key}]")
     base = Bench()
     return Bench(
-        requests=_get_num(k, f"{key}.requests", raw.get("requests", base.requests), 1, 100000, integer=True),
-        concurrency=_get_num(k, f"{key}.concurrency", raw.get("concurrency", base.concurrency), 1, 4096, integer=True),
-        prompt_tokens=_get_num(k, f"{key}.prompt_tokens", raw.get("prompt_tokens", base.prompt_tokens), 1, 1 << 22, integer=True),
-        max_tokens=_get_num(k, f"{key}.max_tokens", raw.get("max_tokens", base.max_tokens), 1, 1 << 22, integer=True),
-        prompt=_get_str(k, f"{key}.prompt", raw.get("prompt", base.prompt)),
-        rounds=_get_num(k, f"{key}.rounds", raw.get("rounds", base.rounds), 1, 1000, integer=True),
+        requests=schema.integer(k, f"{key}.requests", raw.get("requests", base.requests), 1, 100000),
+        concurrency=schema.integer(k, f"{key}.concurrency", raw.get("concurrency", base.concurrency), 1, 4096),
+        prompt_tokens=schema.integer(k, f"{key}.prompt_tokens", raw.get("prompt_tokens", base.prompt_tokens), 1, 1 << 22),
+        max_tokens=schema.integer(k, f"{key}.max_tokens", raw.get("max_tokens", base.max_tokens), 1, 1 << 22),
+        prompt=schema.string(k, f"{key}.prompt", raw.get("prompt", base.prompt)),
+        rounds=schema.integer(k, f"{key}.rounds", raw.get("rounds", base.rounds), 1, 1000),
     )
 
 
-def _parse_gates(k: _Keys, key: str, raw: Mapping) -> tuple[Gate, ...]:
+def _parse_gates(k: schema.Layered, key: str, raw: Mapping) -> tuple[Gate, ...]:
     gates = []
     for metric, bound in raw.items():
         if metric not in METRICS:
@@ -300,42 +240,42 @@ def _parse_gates(k: _Keys, key: str, raw: Mapping) -> tuple[Gate, ...]:
                           hint=f"metrics: {', '.join(METRICS)}")
         if isinstance(bound, (int, float)) and not isinstance(bound, bool):
             bound = {"min": bound} if metric in HIGHER_IS_BETTER else {"max": bound}
-        bound = _get_table(k, f"{key}.{metric}", bound)
-        _unknown(k, f"{key}.{metric}", bound, {"min", "max"})
+        bound = schema.table(k, f"{key}.{metric}", bound)
+        schema.check_keys(k, f"{key}.{metric}", bound, {"min", "max"}, title=f"[smoke.{key}.{metric}]")
         if not bound:
             raise k.error(f"{key}.{metric}", f"gate '{metric}' needs min or max")
         gates.append(Gate(metric,
-                          None if "min" not in bound else float(_get_num(k, f"{key}.{metric}", bound["min"], -1e18, 1e18)),
-                          None if "max" not in bound else float(_get_num(k, f"{key}.{metric}", bound["max"], -1e18, 1e18))))
+                          None if "min" not in bound else float(schema.number(k, f"{key}.{metric}", bound["min"], -1e18, 1e18)),
+                          None if "max" not in bound else float(schema.number(k, f"{key}.{metric}", bound["max"], -1e18, 1e18))))
     return tuple(gates)
 
 
-def _parse_container(k: _Keys, raw: Any) -> ContainerSpec:
+def _parse_container(k: schema.Layered, raw: Any, cfg: Config, resolved: ResolvedStack) -> ContainerSpec:
     from ..recipes import stack_recipe
 
-    raw = _get_table(k, "container", raw)
-    _unknown(k, "container", raw, CONTAINER_KEYS)
+    raw = schema.table(k, "container", raw)
+    schema.check_keys(k, "container", raw, CONTAINER_KEYS, title="[smoke.container]")
     shm = raw.get("shm_size")
-    recipe = stack_recipe(k.cfg, k.resolved)
+    recipe = stack_recipe(cfg, resolved)
     return ContainerSpec(
         wheelhouse=recipe.wheelhouse,
         ca_bundle=recipe.ca_bundle,
         index_url=recipe.index_url,
-        image=_get_str(k, "container.image", raw.get("image")),
-        devices=_get_list(k, "container.devices", raw.get("devices", [])),
+        image=schema.string(k, "container.image", raw.get("image")),
+        devices=schema.strings(k, "container.devices", raw.get("devices", [])),
         group_add=tuple(str(g) for g in _get_list_or_ints(k, "container.group_add", raw.get("group_add", []))),
         shm_size=None if shm is None else str(shm),
-        ipc_mode=None if raw.get("ipc_mode") is None else _get_str(k, "container.ipc_mode", raw["ipc_mode"]),
-        network_mode=_get_str(k, "container.network_mode", raw.get("network_mode", "host")),
-        volumes=_get_str_table(k, "container.volumes", raw.get("volumes", {})),
-        privileged=_get_bool(k, "container.privileged", raw.get("privileged", False)),
-        cap_add=_get_list(k, "container.cap_add", raw.get("cap_add", [])),
+        ipc_mode=None if raw.get("ipc_mode") is None else schema.string(k, "container.ipc_mode", raw["ipc_mode"]),
+        network_mode=schema.string(k, "container.network_mode", raw.get("network_mode", "host")),
+        volumes=_str_map(k, "container.volumes", raw.get("volumes", {})),
+        privileged=schema.boolean(k, "container.privileged", raw.get("privileged", False)),
+        cap_add=schema.strings(k, "container.cap_add", raw.get("cap_add", [])),
         packages=_get_packages(k, raw.get("packages", [])),
     )
 
 
-def _get_packages(k: _Keys, value: Any) -> tuple[str, ...]:
-    packages = _get_list(k, "container.packages", value)
+def _get_packages(k: schema.Layered, value: Any) -> tuple[str, ...]:
+    packages = schema.strings(k, "container.packages", value)
     for name in packages:
         if not DEBIAN_PACKAGE.fullmatch(name):
             raise k.error("container.packages", f"'{name}' is not a Debian package name",
@@ -343,7 +283,7 @@ def _get_packages(k: _Keys, value: Any) -> tuple[str, ...]:
     return packages
 
 
-def _get_list_or_ints(k: _Keys, key: str, value: Any) -> tuple:
+def _get_list_or_ints(k: schema.Layered, key: str, value: Any) -> tuple:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
         raise k.error(key, f"'{key}' must be a list of group names or numeric ids")
     return tuple(value)
@@ -351,53 +291,55 @@ def _get_list_or_ints(k: _Keys, key: str, value: Any) -> tuple:
 
 def load_smoke_config(cfg: Config, resolved: ResolvedStack) -> SmokeConfig:
     """The merged [smoke] tables of a stack (top level <- extends chain) as a frozen model."""
-    k = _Keys(cfg, resolved)
+    # Lowest precedence first: Layered locates a key in the last layer that sets it.
+    k = schema.Layered(where=cfg.where, layers=(("smoke", cfg.smoke),
+                                               *((f"stacks.{n}.smoke", cfg.stacks[n].smoke) for n in resolved.chain)))
     raw = thaw(resolved.smoke)
-    _unknown(k, "", raw, SMOKE_KEYS)
+    schema.check_keys(k, "", raw, SMOKE_KEYS, title="[smoke]")
     runtime = raw.get("runtime", "venv")
     if runtime not in RUNTIMES:
         raise k.error("runtime", f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    container = _parse_container(k, raw["container"]) if "container" in raw else None
+    container = _parse_container(k, raw["container"], cfg, resolved) if "container" in raw else None
     if runtime == "container" and container is None:
         raise k.error("runtime", "runtime 'container' needs a [smoke.container] table with 'image'")
-    model = _get_str(k, "model", raw.get("model", tinymodel.TINY))
+    model = schema.string(k, "model", raw.get("model", tinymodel.TINY))
     if tinymodel.is_builtin(model) and model != tinymodel.TINY:
         raise k.error("model", f"unknown builtin model '{model}'", hint=f"the builtin model is '{tinymodel.TINY}'")
 
-    base_command = _get_list(k, "command", raw.get("command", list(DEFAULT_COMMAND)))
-    base_args = _get_list(k, "args", raw.get("args", []))
-    base_env = _get_str_table(k, "env", raw.get("env", {}))
+    base_command = schema.strings(k, "command", raw.get("command", list(DEFAULT_COMMAND)))
+    base_args = schema.strings(k, "args", raw.get("args", []))
+    base_env = _str_map(k, "env", raw.get("env", {}))
     for key, items in (("command", base_command), ("args", base_args), ("env", tuple(base_env.values()))):
         _check_template(k, key, items)
-    base_bench = _parse_bench(k, "bench", _get_table(k, "bench", raw.get("bench", {})))
-    base_gates = _get_table(k, "gates", raw.get("gates", {}))
+    base_bench = _parse_bench(k, "bench", schema.table(k, "bench", raw.get("bench", {})))
+    base_gates = schema.table(k, "gates", raw.get("gates", {}))
     defaults = {
-        "max_model_len": _get_num(k, "max_model_len", raw.get("max_model_len", 256), 1, 1 << 24, integer=True),
-        "ready_timeout": _get_num(k, "ready_timeout", raw.get("ready_timeout", 600), 1, 86400),
-        "concurrency": _get_num(k, "concurrency", raw.get("concurrency", 4), 0, 4096, integer=True),
+        "max_model_len": schema.integer(k, "max_model_len", raw.get("max_model_len", 256), 1, 1 << 24),
+        "ready_timeout": schema.number(k, "ready_timeout", raw.get("ready_timeout", 600), 1, 86400),
+        "concurrency": schema.integer(k, "concurrency", raw.get("concurrency", 4), 0, 4096),
     }
-    raw_profiles = _get_table(k, "profiles", raw.get("profiles", {})) or {"default": {}}
+    raw_profiles = schema.table(k, "profiles", raw.get("profiles", {})) or {"default": {}}
     profiles: dict[str, Profile] = {}
     for name, praw in raw_profiles.items():
         key = f"profiles.{name}"
-        praw = _get_table(k, key, praw)
-        _unknown(k, key, praw, PROFILE_KEYS)
-        command = _get_list(k, f"{key}.command", praw["command"]) if "command" in praw else base_command
-        args = _get_list(k, f"{key}.args", praw.get("args", []))
-        env = _get_str_table(k, f"{key}.env", praw.get("env", {}))
+        praw = schema.table(k, key, praw)
+        schema.check_keys(k, key, praw, PROFILE_KEYS, title=f"[smoke.{key}]")
+        command = schema.strings(k, f"{key}.command", praw["command"]) if "command" in praw else base_command
+        args = schema.strings(k, f"{key}.args", praw.get("args", []))
+        env = _str_map(k, f"{key}.env", praw.get("env", {}))
         for sub, items in (("command", command), ("args", args), ("env", tuple(env.values()))):
             _check_template(k, f"{key}.{sub}", items)
-        bench_raw = deep_merge(asdict(base_bench), _get_table(k, f"{key}.bench", praw.get("bench", {})))
-        gates_raw = deep_merge(base_gates, _get_table(k, f"{key}.gates", praw.get("gates", {})))
+        bench_raw = deep_merge(asdict(base_bench), schema.table(k, f"{key}.bench", praw.get("bench", {})))
+        gates_raw = deep_merge(base_gates, schema.table(k, f"{key}.gates", praw.get("gates", {})))
         profiles[name] = Profile(
             name=name,
-            description=_get_str(k, f"{key}.description", praw["description"]) if "description" in praw else "",
+            description=schema.string(k, f"{key}.description", praw["description"]) if "description" in praw else "",
             command=command,
             args=base_args + args,
             env=MappingProxyType({**DEFAULT_ENV, **base_env, **env}),
-            max_model_len=_get_num(k, f"{key}.max_model_len", praw.get("max_model_len", defaults["max_model_len"]), 1, 1 << 24, integer=True),
-            ready_timeout=float(_get_num(k, f"{key}.ready_timeout", praw.get("ready_timeout", defaults["ready_timeout"]), 1, 86400)),
-            concurrency=_get_num(k, f"{key}.concurrency", praw.get("concurrency", defaults["concurrency"]), 0, 4096, integer=True),
+            max_model_len=schema.integer(k, f"{key}.max_model_len", praw.get("max_model_len", defaults["max_model_len"]), 1, 1 << 24),
+            ready_timeout=float(schema.number(k, f"{key}.ready_timeout", praw.get("ready_timeout", defaults["ready_timeout"]), 1, 86400)),
+            concurrency=schema.integer(k, f"{key}.concurrency", praw.get("concurrency", defaults["concurrency"]), 0, 4096),
             bench=_parse_bench(k, f"{key}.bench", bench_raw),
             gates=_parse_gates(k, f"{key}.gates" if "gates" in praw else "gates", gates_raw),
         )
@@ -414,35 +356,35 @@ def load_smoke_config(cfg: Config, resolved: ResolvedStack) -> SmokeConfig:
     if len(set(names)) != len(names):
         raise k.error("canaries", "canary names must be unique: results and baselines match them by name")
     baseline = raw.get("baseline")
-    baseline_metrics = _get_list(k, "baseline_metrics", raw.get("baseline_metrics", ["output_throughput", "total_token_throughput"]))
+    baseline_metrics = schema.strings(k, "baseline_metrics", raw.get("baseline_metrics", ["output_throughput", "total_token_throughput"]))
     for metric in baseline_metrics:
         if metric not in METRICS:
             raise k.error("baseline_metrics", f"unknown metric '{metric}'", hint=f"metrics: {', '.join(METRICS)}")
-    header_paths = _get_list(k, "header_paths", raw.get("header_paths", ["/version"]))
+    header_paths = schema.strings(k, "header_paths", raw.get("header_paths", ["/version"]))
     for path in header_paths:
         if not path.startswith("/"):
             raise k.error("header_paths", f"'{path}' must be a URL path starting with '/'")
-    port = _get_num(k, "port", raw.get("port", 0), 0, 65535, integer=True)
+    port = schema.integer(k, "port", raw.get("port", 0), 0, 65535)
     return SmokeConfig(
         stack=resolved.name,
         model=model,
-        served_model_name=_get_str(k, "served_model_name", raw.get("served_model_name", model)),
+        served_model_name=schema.string(k, "served_model_name", raw.get("served_model_name", model)),
         runtime=runtime,
-        python=_get_str(k, "python", raw.get("python", sys.executable if runtime == "host" else "python3")),
-        host=_get_str(k, "host", raw.get("host", "127.0.0.1")),
+        python=schema.string(k, "python", raw.get("python", sys.executable if runtime == "host" else "python3")),
+        host=schema.string(k, "host", raw.get("host", "127.0.0.1")),
         port=port,
-        requirements=_get_list(k, "requirements", raw.get("requirements", [])),
-        pip_args=_get_list(k, "pip_args", raw.get("pip_args", [])),
-        uninstall=_get_list(k, "uninstall", raw.get("uninstall", [])),
-        wheels=_get_bool(k, "wheels", raw.get("wheels", True)),
-        request_timeout=float(_get_num(k, "request_timeout", raw.get("request_timeout", 300), 1, 86400)),
+        requirements=schema.strings(k, "requirements", raw.get("requirements", [])),
+        pip_args=schema.strings(k, "pip_args", raw.get("pip_args", [])),
+        uninstall=schema.strings(k, "uninstall", raw.get("uninstall", [])),
+        wheels=schema.boolean(k, "wheels", raw.get("wheels", True)),
+        request_timeout=float(schema.number(k, "request_timeout", raw.get("request_timeout", 300), 1, 86400)),
         canaries=canaries,
-        determinism=_get_bool(k, "determinism", raw.get("determinism", True)),
-        expect_version=_get_str_table(k, "expect_version", raw.get("expect_version", {})),
-        expect_headers=_get_str_table(k, "expect_headers", raw.get("expect_headers", {})),
+        determinism=schema.boolean(k, "determinism", raw.get("determinism", True)),
+        expect_version=_str_map(k, "expect_version", raw.get("expect_version", {})),
+        expect_headers=_str_map(k, "expect_headers", raw.get("expect_headers", {})),
         header_paths=header_paths,
-        baseline=None if baseline is None else (cfg.root / _get_str(k, "baseline", baseline)),
-        tolerance=float(_get_num(k, "tolerance", raw.get("tolerance", 0.10), 0, 100)),
+        baseline=None if baseline is None else (cfg.root / schema.string(k, "baseline", baseline)),
+        tolerance=float(schema.number(k, "tolerance", raw.get("tolerance", 0.10), 0, 100)),
         baseline_metrics=baseline_metrics,
         default_profile=default_profile,
         profiles=MappingProxyType(profiles),
