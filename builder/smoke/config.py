@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 from .. import tinymodel
 from .. import schema
-from ..config import Config, ResolvedStack, deep_merge, thaw
+from ..config import Config, ResolvedStack, deep_merge, located, thaw
 from ..errors import ConfigError
 
 
@@ -291,9 +291,7 @@ def _get_list_or_ints(k: schema.Layered, key: str, value: Any) -> tuple:
 
 def load_smoke_config(cfg: Config, resolved: ResolvedStack) -> SmokeConfig:
     """The merged [smoke] tables of a stack (top level <- extends chain) as a frozen model."""
-    # Lowest precedence first: Layered locates a key in the last layer that sets it.
-    k = schema.Layered(where=cfg.where, layers=(("smoke", cfg.smoke),
-                                               *((f"stacks.{n}.smoke", cfg.stacks[n].smoke) for n in resolved.chain)))
+    k = located(cfg, resolved, "smoke")
     raw = thaw(resolved.smoke)
     schema.check_keys(k, "", raw, SMOKE_KEYS, title="[smoke]")
     runtime = raw.get("runtime", "venv")
