@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 import requests
 
 from ..errors import SmokeError
-from .client import Client, Completion, _short
+from .client import Client, Completion, short_error
 from .config import Canary, LOG_TAIL
-from .runtime import Server, _tail_text
+from .runtime import Server, tail_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ class ServerFailed(SmokeError):
 
     def __init__(self, message: str, *, log: Path | None, hint: str | None = None):
         super().__init__(message, where=str(log) if log else None, hint=hint)
-        self.log_tail = _tail_text(log, LOG_TAIL) if log else ""
+        self.log_tail = tail_text(log, LOG_TAIL) if log else ""
 
 
 
@@ -76,7 +76,7 @@ def _json_of(client: Client, path: str) -> tuple[requests.Response | None, Any, 
     try:
         resp = client.get(path)
     except requests.RequestException as exc:
-        return None, None, _short(exc)
+        return None, None, short_error(exc)
     if resp.status_code != 200:
         return resp, None, f"HTTP {resp.status_code}"
     try:
@@ -91,7 +91,7 @@ def check_health(client: Client) -> CheckResult:
         code = client.get("/health").status_code
         ms = (time.perf_counter() - t) * 1000
     except requests.RequestException as exc:
-        return CheckResult("health", False, _short(exc))
+        return CheckResult("health", False, short_error(exc))
     return CheckResult("health", code == 200, f"GET /health -> {code}", {"status": code, "ms": round(ms, 2)})
 
 
@@ -149,7 +149,7 @@ def check_headers(client: Client, expected: Mapping[str, str], paths: Sequence[s
         try:
             headers = {k.lower(): v for k, v in client.get(path).headers.items()}
         except requests.RequestException as exc:
-            return CheckResult("headers", False, f"GET {path}: {_short(exc)}")
+            return CheckResult("headers", False, f"GET {path}: {short_error(exc)}")
         seen[path] = {name: headers.get(name.lower()) for name in expected}
         ok &= all(headers.get(name.lower()) == value for name, value in expected.items())
     detail = "; ".join(f"{p}: " + ", ".join(f"{n}={v!r}" for n, v in h.items()) for p, h in seen.items())
@@ -192,7 +192,7 @@ def check_determinism(client: Client, canary: Canary) -> CheckResult:
                        f"two temperature-0 answers differ: {hashes[0][:12]}… vs {hashes[1][:12]}…", {"sha256": hashes})
 
 
-def _parallel(fn: Callable[[int], Completion], count: int) -> list[Completion]:
+def in_parallel(fn: Callable[[int], Completion], count: int) -> list[Completion]:
     """Daemon threads: an interrupted run must not wait for streams of a server being stopped."""
     out: list[Completion | None] = [None] * count
     errors: list[BaseException] = []
@@ -215,7 +215,7 @@ def _parallel(fn: Callable[[int], Completion], count: int) -> list[Completion]:
 
 
 def check_concurrency(client: Client, streams: int, max_tokens: int) -> CheckResult:
-    runs = _parallel(lambda i: client.complete(f"Stream {i}: count with me.", stream=True, max_tokens=max_tokens,
+    runs = in_parallel(lambda i: client.complete(f"Stream {i}: count with me.", stream=True, max_tokens=max_tokens,
                                                ignore_eos=True), streams)
     bad = [f"#{i}: {r.error or 'empty'}" for i, r in enumerate(runs) if not r.ok or not r.text]
     short = [f"#{i}: {r.completion_tokens} tokens" for i, r in enumerate(runs)

@@ -94,7 +94,7 @@ class Client:
             # A fresh connection per request: parallel streams must not share a session's pool.
             resp = requests.post(self.base + path, json=body, stream=stream, timeout=timeout or self.timeout)
         except requests.RequestException as exc:
-            return Completion(0, "", None, None, None, start, None, time.perf_counter() - start, (), {}, _short(exc))
+            return Completion(0, "", None, None, None, start, None, time.perf_counter() - start, (), {}, short_error(exc))
         headers = {k.lower(): v for k, v in resp.headers.items()}
         if resp.status_code != 200:
             return Completion(resp.status_code, "", None, None, None, start, None, time.perf_counter() - start, (),
@@ -114,7 +114,7 @@ class Client:
         return _read_stream(resp, chat, start, headers)
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
@@ -143,7 +143,7 @@ def _read_stream(resp: requests.Response, chat: bool, start: float, headers: Map
                 stamps.append(time.perf_counter())
     except (requests.RequestException, ValueError) as exc:
         return Completion(200, "".join(parts), None, None, finish, start, None, time.perf_counter() - start, (),
-                          headers, f"stream broke: {_short(exc)}")
+                          headers, f"stream broke: {short_error(exc)}")
     end = time.perf_counter()
     ttft = stamps[0] - start if stamps else None
     itl = tuple(b - a for a, b in zip(stamps, stamps[1:]))

@@ -17,9 +17,9 @@ from .. import tinymodel
 from ..errors import SmokeError
 from ..fsutil import sha256_file
 from ..settings import Settings
-from .client import _short
+from .client import short_error
 from .config import BuildOutput, CONTAINER_PYTHON, SmokeConfig
-from .runtime import Server, _uninterruptible
+from .runtime import Server, uninterruptible
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _build_image(client: Any, ctx: str, tag: str, buildargs: Mapping[str, str], 
                     error = str(chunk["error"]).strip()
                     out.write(f"ERROR: {error}\n")
         except Exception as exc:  # the SDK's transport errors share no base class with its API errors
-            error = _short(exc)
+            error = short_error(exc)
     return error
 
 
@@ -235,9 +235,9 @@ def run_in_image(image: str, command: Sequence[str], volumes: Mapping[str, Mappi
     except SmokeError:
         raise
     except Exception as exc:
-        raise SmokeError(f"{what} in the serving image failed: {_short(exc)}", where=image) from exc
+        raise SmokeError(f"{what} in the serving image failed: {short_error(exc)}", where=image) from exc
     finally:
-        with _uninterruptible():
+        with uninterruptible():
             _remove_container(client, name)
 
 
@@ -249,10 +249,10 @@ def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) 
     try:
         container = client.containers.run(**spec, name=name)
     except BaseException as exc:
-        with _uninterruptible():
+        with uninterruptible():
             _remove_container(client, name)
         if isinstance(exc, Exception):
-            raise SmokeError(f"cannot start the serving container: {_short(exc)}", where="[smoke.container]",
+            raise SmokeError(f"cannot start the serving container: {short_error(exc)}", where="[smoke.container]",
                              hint="check devices, groups, the port and the image") from exc
         raise
 
@@ -281,7 +281,7 @@ def start_container(sc: SmokeConfig, spec: Mapping[str, Any], log: Path | None) 
         if stopped.is_set():
             return
         stopped.set()
-        with _uninterruptible():
+        with uninterruptible():
             try:
                 container.stop(timeout=15)
             except Exception:  # already gone or the engine refused: removal below forces it

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import requests
 
-from .checks import CheckResult, _parallel
+from .checks import CheckResult, in_parallel
 from .client import Client, Completion
 from .config import Bench, Gate, HIGHER_IS_BETTER, LATENCIES
 
@@ -31,7 +31,7 @@ def run_bench(client: Client, bench: Bench) -> tuple[list[Completion], float]:
     start = time.perf_counter()
     for first in range(0, bench.requests, bench.concurrency):
         batch = min(bench.concurrency, bench.requests - first)
-        results += _parallel(lambda _i: client.complete(prompt, stream=True, max_tokens=bench.max_tokens,
+        results += in_parallel(lambda _i: client.complete(prompt, stream=True, max_tokens=bench.max_tokens,
                                                         ignore_eos=True), batch)
     return results, time.perf_counter() - start
 

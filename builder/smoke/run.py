@@ -28,7 +28,7 @@ from ..errors import SmokeError, StackbuildError, VerifyError
 from ..fsutil import publishing
 from ..settings import Settings
 from .checks import CheckResult, ServerFailed, check_canary, check_concurrency, check_determinism, check_headers, check_health, check_models, check_version, wait_ready
-from .client import Client, _short
+from .client import Client, short_error
 from .config import BuildOutput, CONTAINER_PYTHON, Profile, SERVER_ARGS, SmokeConfig, Wheel, load_smoke_config
 from .container import CONTAINER_ROOT, container_run_spec, prepare_image, run_in_image, start_container
 from .metrics import compare_baseline, compute_metrics, evaluate_gates, run_bench, summarize_rounds
@@ -227,7 +227,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                 checks.append(CheckResult(name, False, exc.message, {"log_tail": exc.log_tail}))
             except Exception as exc:
                 broken = exc
-                checks.append(CheckResult("run", False, f"the run broke off: {_short(exc)}"))
+                checks.append(CheckResult("run", False, f"the run broke off: {short_error(exc)}"))
             finally:
                 measured = failure is None and broken is None  # checks and bench ran to the end
                 if server is not None:
@@ -235,7 +235,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
                         server.stop()
                     except Exception as exc:  # KeyboardInterrupt still propagates, unrecorded
                         broken = broken or exc
-                        checks.append(CheckResult("stop", False, f"stopping the server failed: {_short(exc)}"))
+                        checks.append(CheckResult("stop", False, f"stopping the server failed: {short_error(exc)}"))
         gates = evaluate_gates(prof.gates, metrics, spread) if measured else []
         compared = (compare_baseline(baseline_data, metrics, checks, sc.baseline_metrics, sc.tolerance, str(baseline_path),
                                      spread)
@@ -274,7 +274,7 @@ def run_smoke(settings: Settings, cfg: Config, stack: str, *, profile: str | Non
         broken.where = f"{broken.where} (results: {result_path})" if broken.where else str(result_path)
         raise broken
     if broken is not None:
-        raise SmokeError(f"the smoke run of '{stack}' broke off: {_short(broken)}", where=str(result_path),
+        raise SmokeError(f"the smoke run of '{stack}' broke off: {short_error(broken)}", where=str(result_path),
                          hint="check the engine (`stackbuild doctor`); a server container left behind is listed by "
                               "`docker ps -a --filter name=stackbuild-smoke-`") from broken
     if verdict != "pass":

@@ -92,7 +92,7 @@ def prepare_venv(settings: Settings, sc: SmokeConfig, build: BuildOutput | None,
                     out.write(f"$ {' '.join(argv)}\n")
                     out.flush()
                     if subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                        raise SmokeError(f"`{' '.join(argv[:4])} …` failed: {_tail_text(log, 1)}", where=str(log),
+                        raise SmokeError(f"`{' '.join(argv[:4])} …` failed: {tail_text(log, 1)}", where=str(log),
                                          hint="see the install log; index/find-links come from pip's configuration or [smoke] pip_args")
 
                 installs = [str(w.file) for w in build.wheels] if build else []
@@ -170,7 +170,7 @@ def _signal_all(pids: Sequence[int], pgid: int | None, sig: int) -> None:
 
 
 @contextmanager
-def _uninterruptible() -> Iterator[None]:
+def uninterruptible() -> Iterator[None]:
     """A second Ctrl-C must not cut the cleanup the first one started."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -213,7 +213,7 @@ def start_process(argv: Sequence[str], env: Mapping[str, str], log: Path | None,
         if stopped.is_set():
             return
         stopped.set()
-        with _uninterruptible():
+        with uninterruptible():
             _stop()
 
     def _stop() -> None:
@@ -252,7 +252,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 
-def _tail_text(log: Path | None, lines: int) -> str:
+def tail_text(log: Path | None, lines: int) -> str:
     if log is None or not log.is_file():
         return ""
     with log.open("rb") as f:
