@@ -122,7 +122,7 @@ def locked(path: Path, what: str, *, wait: bool = False) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _open_lock(path, what, wait)
     except OSError as exc:
-        raise os_error(exc, path, f"lock {what}") from None
+        raise os_error(exc, Path(exc.filename) if exc.filename else path, f"lock {what}") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -26,7 +26,7 @@ from builder import recipes as R
 from builder import engine as E
 from builder.cli import main
 from builder.config import load_config
-from builder.errors import BuildError, EngineError, VerifyError
+from builder.errors import FileError, BuildError, EngineError, VerifyError
 from builder.settings import load_settings
 from conftest import unavailable
 
@@ -399,9 +399,7 @@ command = "sleep 60"
     assert not (env / "dist" / "pair").exists()
 
 
-def test_an_unexpected_error_keeps_its_cause(engine, env, monkeypatch):
-    # The wheel cache cannot be written (here: a file where its folder goes): not an error of
-    # ours, so the one-line BuildError carries the OSError, traceback and all, as its cause.
+def test_a_file_in_the_caches_way_is_one_line_and_an_unexpected_error_keeps_its_cause(engine, env, monkeypatch):
     beta_build = """[sources.beta.build]
 command = 'printf wheel > "$OUT/beta-1.0-py3-none-any.whl"'
 compile_check = false   # not a real wheel: nothing to check in it
@@ -411,6 +409,20 @@ import_check = "off"
     monkeypatch.setenv("STACKBUILD_CACHE", str(env / "cache"))
     (env / "cache").mkdir()
     (env / "cache" / "wheels").write_text("not a folder")
+    # A file where the wheel cache's folder goes: the cache entry cannot be published, said in
+    # one line that names where, with the exit code of file errors.
+    with pytest.raises(FileError, match="cannot lock cache entry .*Not a directory") as failed:
+        build(stack_file)
+    assert str(env / "cache" / "wheels") in failed.value.where and failed.value.exit_code == 15
+    assert not (env / "dist" / "pair").exists()
+    # Not an error of ours (injected where the wheel is stored): the one-line BuildError carries
+    # it, traceback and all, as its cause.
+    (env / "cache" / "wheels").unlink()
+
+    def store(*_args, **_kwargs):
+        raise NotADirectoryError(20, "Not a directory")
+
+    monkeypatch.setattr(B, "_store", store)
     with pytest.raises(BuildError, match="building beta failed: NotADirectoryError") as err:
         build(stack_file)
     assert isinstance(err.value.__cause__, NotADirectoryError) and err.value.__cause__.__traceback__ is not None
